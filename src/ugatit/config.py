@@ -1,0 +1,171 @@
+"""The one configuration object: every hyper-parameter of a run, with the official defaults.
+
+Everything that shapes a model or a run lives here and nowhere else; networks, trainer, data pipeline and CLI take
+their numbers from a `Config` passed to them explicitly. The config is saved inside every checkpoint, so a checkpoint
+alone is enough to rebuild its networks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says which and what to use instead."""
+
+
+@dataclass
+class Config:
+    # Architecture (UGATIT_SPEC.md section 1).
+    img_size: int = 256
+    ch: int = 64
+    n_res: int = 4
+    light: bool = False
+    global_layers: int = 7
+    local_layers: int = 5
+    # Loss weights (paper lambda_1..lambda_4).
+    adv_weight: float = 1.0
+    cycle_weight: float = 10.0
+    identity_weight: float = 10.0
+    cam_weight: float = 1000.0
+    # Optimisation.
+    lr: float = 1e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    weight_decay: float = 1e-4
+    iterations: int = 1_000_000
+    batch_size: int = 1
+    decay: bool = True
+    seed: int = 0
+    # Speed: "exact" is the fp32 eager path that meets the official parity; "fast" uses bf16 autocast,
+    # fused normalisations and channels_last where the device supports them.
+    precision: str = "exact"
+    compile: bool = False
+    grad_checkpoint: bool = False
+    # Data pipeline.
+    augment: bool = True
+    keep_aspect: bool = False
+    num_workers: int = 2
+    cache_images: str = "auto"
+    # Run bookkeeping.
+    save_every: int = 1000
+    sample_every: int = 1000
+    log_every: int = 10
+    keep_last: int = 3
+    eval_every: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return (self.beta1, self.beta2)
+
+    def validate(self) -> None:
+        """Refuse settings that would fail deep inside a forward pass, with the value to use instead."""
+        for name in ("img_size", "ch", "n_res", "iterations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.img_size % 4 != 0 or self.img_size < 8:
+            raise ConfigError(
+                f"img_size={self.img_size}: the generator downsamples twice, so img_size must be a multiple of 4 "
+                "and at least 8"
+            )
+        if self.precision not in ("exact", "fast"):
+            raise ConfigError(f"precision={self.precision!r} must be 'exact' or 'fast'")
+        if self.cache_images not in ("auto", "yes", "no"):
+            raise ConfigError(f"cache_images={self.cache_images!r} must be 'auto', 'yes' or 'no'")
+        for name in ("global_layers", "local_layers"):
+            layers = getattr(self, name)
+            if layers < 3:
+                raise ConfigError(f"{name}={layers}: a discriminator needs at least 3 layers")
+            need = min_image_size(layers)
+            if self.img_size < need:
+                deepest = max_layers(self.img_size)
+                raise ConfigError(
+                    f"img_size={self.img_size} is too small for {name}={layers}: it needs img_size >= {need}; "
+                    f"use img_size >= {need} or {name} <= {deepest}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def _disc_output_size(img_size: int, layers: int) -> int:
+    """Patch-logit side length of a discriminator with `layers` layers, or 0 if some layer cannot run.
+
+    Every conv is preceded by a reflection pad of 1, which needs an input of at least 2 pixels.
+    """
+    size = img_size
+    for _ in range(layers - 2):  # stride-2 convs, k4, pad 1
+        if size < 2:
+            return 0
+        size = (size + 2 - 4) // 2 + 1
+    for _ in range(2):  # the stride-1 conv before the CAM and the final logit conv, k4, pad 1
+        if size < 2:
+            return 0
+        size = size + 2 - 4 + 1
+    return max(size, 0)
+
+
+def min_image_size(layers: int) -> int:
+    """Smallest multiple of 4 on which a discriminator of `layers` layers produces at least one logit."""
+    size = 8
+    while _disc_output_size(size, layers) < 1:
+        size += 4
+    return size
+
+
+def max_layers(img_size: int) -> int:
+    """Deepest discriminator that still runs on `img_size` pixels (at least 3)."""
+    layers = 3
+    while _disc_output_size(img_size, layers + 1) >= 1:
+        layers += 1
+    return layers
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The official defaults (UGATIT_SPEC.md section 3).
+    "paper": {},
+    "light": {"light": True},
+    # Learns visibly on a 2-core CPU in minutes: small images, narrow channels, shallow discriminators and the
+    # fast precision path; the loss weights stay the paper's.
+    "cpu-small": {
+        "img_size": 64,
+        "ch": 16,
+        "n_res": 4,
+        "light": True,
+        "global_layers": 5,
+        "local_layers": 4,
+        "lr": 2e-4,
+        "iterations": 2000,
+        "save_every": 500,
+        "sample_every": 250,
+        "log_every": 10,
+        "precision": "fast",
+        "num_workers": 1,
+    },
+}
+
+
+def preset(name: str, **overrides: Any) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return Config(**{**PRESETS[name], **overrides})

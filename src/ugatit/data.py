@@ -1,0 +1,433 @@
+"""Image data pipeline: loading, dataset checks, U-GAT-IT transforms, resumable sampling and loaders.
+
+Design notes:
+
+* Every random decision for a sample comes from its ``sample_seed`` (see :class:`EpochSampler`),
+  so a sample's augmentation is a pure function of (image, sample_seed). Batches are therefore
+  identical for any ``num_workers`` and resuming needs only the number of samples consumed.
+* Files are opened by content, never by extension, and fully decoded when checked, so a dataset
+  that passes :func:`scan_dataset` will not fail halfway through training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import BatchSampler, DataLoader, Dataset
+
+TRAIN_DIRS = ("trainA", "trainB")
+TEST_DIRS = ("testA", "testB")
+CROP_MARGIN = 30  # official U-GAT-IT: resize to img_size + 30, then random-crop img_size
+CACHE_LIMIT_BYTES = 2 * 1024**3  # cache="auto" keeps decoded images in RAM below this size
+
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_UINT16_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+_MASK63 = (1 << 63) - 1
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BadImageError(ValueError):
+    """A file that cannot be used as a training image; ``reason`` is short and human readable."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = Path(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class DataError(ValueError):
+    """The dataset as a whole is unusable. ``reports`` holds the scan results when there are some,
+    so ``check-data`` can still list every bad file before printing the verdict."""
+
+    def __init__(self, message: str, reports: dict[str, FolderReport] | None = None) -> None:
+        super().__init__(message)
+        self.reports = reports
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file fully into an 8-bit RGB image, upright per its EXIF orientation.
+
+    Mode rule: alpha (RGBA, LA, PA, P or L/RGB with a transparency key) is composited over white;
+    L and 1 are replicated to gray RGB; CMYK, YCbCr etc. use PIL's conversion; I;16* is scaled
+    from 0..65535, I (32-bit) is scaled from 0..65535 when all values fit 16 bits (how 16-bit
+    files decode) and from 0..2**31-1 otherwise, negatives clipped; F is clipped to 0..255.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImageError(path, "zero-byte file")
+        with Image.open(path) as img:
+            img.load()  # full decode now: truncated files must fail here, not inside training
+            img = ImageOps.exif_transpose(img)
+    except BadImageError:
+        raise
+    except UnidentifiedImageError as e:
+        raise BadImageError(path, "not an image (cannot identify image file)") from e
+    except Image.DecompressionBombError as e:
+        raise BadImageError(path, f"too large: {e}") from e
+    except OSError as e:
+        if e.errno is None:  # PIL decode errors carry no errno; filesystem errors do
+            raise BadImageError(path, f"truncated or corrupt: {e}") from e
+        raise BadImageError(path, f"cannot read: {e.strerror}") from e
+    except Exception as e:  # corrupt files make PIL raise almost anything (SyntaxError, struct.error, ...)
+        raise BadImageError(path, f"truncated or corrupt: {e}") from e
+    try:
+        return _to_rgb(img)
+    except ValueError as e:
+        raise BadImageError(path, f"unsupported image mode {img.mode}: {e}") from e
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in _UINT16_MODES or img.mode in ("I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(img), img.mode)).convert("RGB")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "F":
+        scale = 1.0
+    elif mode in _UINT16_MODES or arr.max(initial=0) <= 0xFFFF:
+        scale = 255 / 0xFFFF
+    else:
+        scale = 255 / 0x7FFFFFFF
+    return np.clip(np.rint(np.nan_to_num(arr.astype(np.float64) * scale)), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Listing and scanning
+
+
+@dataclass
+class FolderReport:
+    folder: Path
+    good: list[Path] = field(default_factory=list)
+    bad: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Every non-hidden regular file below ``folder``, sorted by relative path (as path parts).
+
+    Nothing is filtered by extension: scanning opens each file and decides.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder: create it and put images in it")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
+    return sorted((p for p in found if p.is_file()), key=lambda p: p.relative_to(folder).parts)
+
+
+def _problem(path: Path, min_size: int) -> str | None:
+    try:
+        w, h = load_rgb(path).size
+    except BadImageError as e:
+        return e.reason
+    if min(w, h) < min_size:
+        return f"too small: {w}x{h} < {min_size} px on the shorter side"
+    return None
+
+
+def _parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """Threads suffice: PIL releases the GIL while decoding."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(fn, items))
+
+
+def scan_folder(folder: str | os.PathLike, min_size: int) -> FolderReport:
+    """Fully decode every file under ``folder`` and split them into usable and bad ones."""
+    paths = list_images(folder)
+    report = FolderReport(Path(folder))
+    for path, problem in zip(paths, _parallel_map(partial(_problem, min_size=min_size), paths), strict=True):
+        if problem is None:
+            report.good.append(path)
+        else:
+            report.bad.append((path, problem))
+    return report
+
+
+def scan_dataset(
+    root: str | os.PathLike, min_size: int, require_test: bool = False
+) -> dict[str, FolderReport]:
+    """Scan ROOT/trainA, trainB and, when present (or required), testA, testB.
+
+    Raises DataError for a missing root or required folder, a required folder without usable
+    images, and a training folder with only one. Optional test folders that exist are reported
+    but not judged: the caller decides whether an empty one matters.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist: it must contain trainA/ and trainB/")
+    required = TRAIN_DIRS + (TEST_DIRS if require_test else ())
+    for name in required:
+        if not (root / name).is_dir():
+            raise DataError(f"{root / name} is missing: create it and put domain {name[-1]} images in it")
+    names = [name for name in TRAIN_DIRS + TEST_DIRS if (root / name).is_dir()]
+    reports = {name: scan_folder(root / name, min_size) for name in names}
+    for name in required:
+        report = reports[name]
+        if not report.good:
+            bad = f" ({len(report.bad)} unusable files; run `ugatit check-data {root}`)" if report.bad else ""
+            raise DataError(f"{report.folder} has no usable images{bad}: add images to it", reports)
+        if len(report.good) == 1 and name in TRAIN_DIRS:
+            raise DataError(
+                f"{report.folder} has a single usable image: add more, a training domain needs at least 2",
+                reports,
+            )
+    return reports
+
+
+def format_report(reports: dict[str, FolderReport]) -> str:
+    """Counts per folder, then every bad file with its reason (output of ``ugatit check-data``)."""
+    lines = []
+    for name, report in reports.items():
+        lines.append(f"{name}: {len(report.good)} good, {len(report.bad)} bad  ({report.folder})")
+        lines += [f"  {path.relative_to(report.folder)}: {reason}" for path, reason in report.bad]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms (same operations, order and PIL resampling as the official torchvision pipeline)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 CxHxW in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return x.float().div_(255).sub_(0.5).div_(0.5)
+
+
+def to_image(x: torch.Tensor) -> Image.Image:
+    """CxHxW tensor in [-1, 1] (C = 3 or 1) -> 8-bit PIL image; values outside are clipped."""
+    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    arr = arr.permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+
+
+def _resize(img: Image.Image, size: int, keep_aspect: bool) -> Image.Image:
+    """torchvision Resize: (size, size), or the shorter side to ``size`` with the long side truncated."""
+    w, h = img.size
+    if not keep_aspect:
+        new = (size, size)
+    elif w <= h:
+        new = (size, int(size * h / w))
+    else:
+        new = (int(size * w / h), size)
+    return img.resize(new, Image.Resampling.BILINEAR)
+
+
+def train_transform(
+    img: Image.Image, img_size: int, rng: random.Random, keep_aspect: bool = False
+) -> torch.Tensor:
+    """Official training augmentation: flip(p=0.5) -> resize to img_size+30 -> random crop img_size."""
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    img = _resize(img, img_size + CROP_MARGIN, keep_aspect)
+    w, h = img.size
+    top = rng.randint(0, h - img_size)
+    left = rng.randint(0, w - img_size)
+    return to_tensor(img.crop((left, top, left + img_size, top + img_size)))
+
+
+def eval_transform(img: Image.Image, img_size: int, keep_aspect: bool = False) -> torch.Tensor:
+    """Official test transform: resize to (img_size, img_size); keep_aspect: shorter side + center crop."""
+    img = _resize(img, img_size, keep_aspect)
+    w, h = img.size
+    top, left = round((h - img_size) / 2), round((w - img_size) / 2)
+    return to_tensor(img.crop((left, top, left + img_size, top + img_size)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset
+
+
+class UnpairedImageDataset(Dataset):
+    """One domain's images, indexed by ``(index, sample_seed)`` pairs from :class:`EpochSampler`.
+
+    The cache holds full decoded images (uint8 HxWx3) so cached and uncached samples go through
+    the very same transform and are bit-identical. Build it before the DataLoader forks its
+    workers so they share the cache copy-on-write.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        img_size: int,
+        augment: bool = True,
+        keep_aspect: bool = False,
+        cache: bool | Literal["auto"] = False,
+    ) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.img_size = img_size
+        self.augment = augment
+        self.keep_aspect = keep_aspect
+        if cache == "auto":
+            cache = _decoded_bytes(self.paths) <= CACHE_LIMIT_BYTES
+        self.images = _parallel_map(lambda p: np.asarray(load_rgb(p)), self.paths) if cache else None
+
+    @property
+    def cached(self) -> bool:
+        return self.images is not None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        index, sample_seed = item
+        img = Image.fromarray(self.images[index]) if self.images is not None else load_rgb(self.paths[index])
+        if self.augment:
+            return train_transform(img, self.img_size, random.Random(sample_seed), self.keep_aspect)
+        return eval_transform(img, self.img_size, self.keep_aspect)
+
+
+def _decoded_bytes(paths: Sequence[Path]) -> int:
+    """RGB bytes after decoding, from the headers only (nothing is decoded)."""
+
+    def nbytes(path: Path) -> int:
+        with Image.open(path) as img:
+            return img.width * img.height * 3
+
+    return sum(_parallel_map(nbytes, paths))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _seed_words(*words: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence(list(words))
+
+
+class EpochSampler:
+    """Infinite stream of ``(index, sample_seed)`` for one rank, a pure function of the position.
+
+    Epoch ``e`` is a permutation of range(n) seeded by (seed, e), padded by wrapping to a multiple
+    of world_size; rank r takes every world_size-th entry from r, i.e. ceil(n / world_size) per
+    epoch. Position p of this rank's stream is entry p % per_rank of epoch p // per_rank, and its
+    sample_seed is derived from (seed, rank, p). To resume, build a new sampler with
+    ``start`` = samples this rank has consumed (step * batch_size): DataLoader prefetching makes
+    ``position`` run ahead of what the trainer has actually used, so never resume from it.
+    Give each domain its own seed, or domains A and B share their shuffling order.
+    """
+
+    def __init__(
+        self, n: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0, name: str = "dataset"
+    ) -> None:
+        if n < 1:
+            raise DataError(f"no images in {name}")
+        if world_size > n:
+            raise DataError(f"more ranks than images in {name}: {world_size} ranks, {n} images")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.start = self.position = start
+        self.per_rank = math.ceil(n / world_size)
+        self._epoch: tuple[int, np.ndarray] | None = None
+
+    def shard(self, epoch: int) -> np.ndarray:
+        """This rank's indices for ``epoch``, in order."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            perm = np.random.default_rng(_seed_words(self.seed, 0, epoch)).permutation(self.n)
+            padded = np.concatenate([perm, perm[: self.per_rank * self.world_size - self.n]])
+            self._epoch = (epoch, padded[self.rank :: self.world_size])
+        return self._epoch[1]
+
+    def at(self, position: int) -> tuple[int, int]:
+        """The ``(index, sample_seed)`` at ``position`` of this rank's stream."""
+        epoch, offset = divmod(position, self.per_rank)
+        state = _seed_words(self.seed, 1, self.rank, position).generate_state(1, np.uint64)[0]
+        return int(self.shard(epoch)[offset]), int(state) & _MASK63
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        self.position = self.start
+        while True:
+            yield self.at(self.position)
+            self.position += 1
+
+    def state_dict(self) -> dict[str, int]:
+        """Informational (position includes prefetched samples); see the class docstring."""
+        return {
+            "seed": self.seed,
+            "position": self.position,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaders
+
+
+def _seed_worker(seed: int, rank: int, worker_id: int) -> None:
+    """Seed global RNGs per worker anyway, for any library code that uses them."""
+    s = int(_seed_words(seed, 2, rank, worker_id).generate_state(1, np.uint64)[0]) & _MASK63
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def make_loader(
+    dataset: UnpairedImageDataset,
+    sampler: EpochSampler,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Infinite DataLoader of B x 3 x H x W batches: ``it = iter(loader); batch = next(it)``.
+
+    Batches come back in sampler order whatever the worker scheduling, and the explicit
+    generator keeps DataLoader from drawing its worker base seed from the global torch RNG.
+    """
+    return DataLoader(
+        dataset,
+        batch_sampler=BatchSampler(sampler, batch_size, drop_last=True),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=partial(_seed_worker, sampler.seed, sampler.rank),
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(sampler.seed),
+    )
+
+
+def infinite_batches(
+    paths: Sequence[str | os.PathLike],
+    img_size: int,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    *,
+    augment: bool = True,
+    keep_aspect: bool = False,
+    cache: bool | Literal["auto"] = "auto",
+    rank: int = 0,
+    world_size: int = 1,
+    start: int = 0,
+    pin_memory: bool = False,
+    name: str = "dataset",
+) -> Iterator[torch.Tensor]:
+    """One domain's training batches, forever; ``start`` = samples this rank already consumed."""
+    dataset = UnpairedImageDataset(paths, img_size, augment, keep_aspect, cache)
+    sampler = EpochSampler(len(dataset), seed, rank, world_size, start, name)
+    return iter(make_loader(dataset, sampler, batch_size, num_workers, pin_memory))

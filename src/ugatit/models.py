@@ -1,0 +1,202 @@
+"""The U-GAT-IT networks: the ResNet generator with CAM attention and AdaILN, and the CAM discriminator.
+
+Module and attribute names follow the official PyTorch code (`DownBlock`, `UpBlock1_1`, `UpBlock2`, `FC`, ...) so
+that its checkpoints map onto ours key for key (see `official.py`). Every network returns
+`(output, cam_logit, heatmap)`: cam_logit is the B x 2 auxiliary classifier output (global average and max pooling
+branches), heatmap the channel sum of the attended feature map.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .norms import ILN, AdaILN, raw_weight, spectral_norm
+
+
+def class_activation(
+    x: torch.Tensor, gap_fc: nn.Linear, gmp_fc: nn.Linear, gap_weight: torch.Tensor, gmp_weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CAM block: logits from pooled features, and the feature map re-weighted by each classifier's weight.
+
+    Returns the concatenation of both re-weighted maps (2C channels) and the B x 2 logits. The operations run in
+    the official order, which fixes the order in which autograd sums the gradients reaching `x`.
+    """
+    batch = x.shape[0]
+    gap_logit = gap_fc(F.adaptive_avg_pool2d(x, 1).view(batch, -1))
+    gap = x * gap_weight[:, :, None, None]
+    gmp_logit = gmp_fc(F.adaptive_max_pool2d(x, 1).view(batch, -1))
+    gmp = x * gmp_weight[:, :, None, None]
+    return torch.cat([gap, gmp], 1), torch.cat([gap_logit, gmp_logit], 1)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv_block = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, 3, 1, 0, bias=False),
+            nn.InstanceNorm2d(dim),
+            nn.ReLU(True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, 3, 1, 0, bias=False),
+            nn.InstanceNorm2d(dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv_block(x)
+
+
+class ResnetAdaILNBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.pad1 = nn.ReflectionPad2d(1)
+        self.conv1 = nn.Conv2d(dim, dim, 3, 1, 0, bias=False)
+        self.norm1 = AdaILN(dim)
+        self.relu1 = nn.ReLU(True)
+        self.pad2 = nn.ReflectionPad2d(1)
+        self.conv2 = nn.Conv2d(dim, dim, 3, 1, 0, bias=False)
+        self.norm2 = AdaILN(dim)
+
+    def forward(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.norm1(self.conv1(self.pad1(x)), gamma, beta))
+        out = self.norm2(self.conv2(self.pad2(out)), gamma, beta)
+        return out + x
+
+
+class ResnetGenerator(nn.Module):
+    """Encoder, CAM, gamma/beta MLP, AdaILN residual decoder and upsampling (UGATIT_SPEC.md section 1.1).
+
+    In full mode the MLP reads the whole flattened bottleneck, which binds the network to `img_size`; light mode
+    pools it first and runs at any size that is a multiple of 4.
+    """
+
+    def __init__(self, ch: int = 64, n_res: int = 4, img_size: int = 256, light: bool = False):
+        super().__init__()
+        self.light = light
+        self.n_res = n_res
+        dim = ch * 4
+        down = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(3, ch, 7, 1, 0, bias=False),
+            nn.InstanceNorm2d(ch),
+            nn.ReLU(True),
+        ]
+        for i in range(2):
+            mult = 2**i
+            down += [
+                nn.ReflectionPad2d(1),
+                nn.Conv2d(ch * mult, ch * mult * 2, 3, 2, 0, bias=False),
+                nn.InstanceNorm2d(ch * mult * 2),
+                nn.ReLU(True),
+            ]
+        down += [ResnetBlock(dim) for _ in range(n_res)]
+
+        self.gap_fc = nn.Linear(dim, 1, bias=False)
+        self.gmp_fc = nn.Linear(dim, 1, bias=False)
+        self.conv1x1 = nn.Conv2d(dim * 2, dim, 1, 1, bias=True)
+        self.relu = nn.ReLU(True)
+        mlp_in = dim if light else (img_size // 4) ** 2 * dim
+        self.gamma = nn.Linear(dim, dim, bias=False)
+        self.beta = nn.Linear(dim, dim, bias=False)
+        for i in range(n_res):
+            setattr(self, f"UpBlock1_{i + 1}", ResnetAdaILNBlock(dim))
+
+        up = []
+        for i in range(2):
+            mult = 2 ** (2 - i)
+            up += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.ReflectionPad2d(1),
+                nn.Conv2d(ch * mult, ch * mult // 2, 3, 1, 0, bias=False),
+                ILN(ch * mult // 2),
+                nn.ReLU(True),
+            ]
+        up += [nn.ReflectionPad2d(3), nn.Conv2d(ch, 3, 7, 1, 0, bias=False), nn.Tanh()]
+
+        # Registered last, as in the official code, so that state_dict() lists keys in the official order.
+        self.DownBlock = nn.Sequential(*down)
+        self.FC = nn.Sequential(
+            nn.Linear(mlp_in, dim, bias=False), nn.ReLU(True), nn.Linear(dim, dim, bias=False), nn.ReLU(True)
+        )
+        self.UpBlock2 = nn.Sequential(*up)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.DownBlock(x)
+        x, cam_logit = class_activation(x, self.gap_fc, self.gmp_fc, self.gap_fc.weight, self.gmp_fc.weight)
+        x = self.relu(self.conv1x1(x))
+        heatmap = torch.sum(x, dim=1, keepdim=True)
+
+        style = F.adaptive_avg_pool2d(x, 1) if self.light else x
+        style = self.FC(style.reshape(x.shape[0], -1))
+        gamma, beta = self.gamma(style), self.beta(style)
+        for i in range(self.n_res):
+            x = getattr(self, f"UpBlock1_{i + 1}")(x, gamma, beta)
+        return self.UpBlock2(x), cam_logit, heatmap
+
+
+class Discriminator(nn.Module):
+    """PatchGAN discriminator with spectral norm and its own CAM (UGATIT_SPEC.md section 1.2).
+
+    `n_layers - 2` stride-2 convs, one stride-1 conv, the CAM, and a final 4x4 conv to patch logits. The official
+    global discriminator has 7 layers (286 px receptive field), the local one 5 (70 px).
+    """
+
+    def __init__(self, ch: int = 64, n_layers: int = 5):
+        super().__init__()
+        layers = [
+            nn.ReflectionPad2d(1),
+            spectral_norm(nn.Conv2d(3, ch, 4, 2, 0, bias=True)),
+            nn.LeakyReLU(0.2, True),
+        ]
+        for i in range(1, n_layers - 2):
+            mult = 2 ** (i - 1)
+            layers += [
+                nn.ReflectionPad2d(1),
+                spectral_norm(nn.Conv2d(ch * mult, ch * mult * 2, 4, 2, 0, bias=True)),
+                nn.LeakyReLU(0.2, True),
+            ]
+        mult = 2 ** (n_layers - 3)
+        layers += [
+            nn.ReflectionPad2d(1),
+            spectral_norm(nn.Conv2d(ch * mult, ch * mult * 2, 4, 1, 0, bias=True)),
+            nn.LeakyReLU(0.2, True),
+        ]
+        dim = ch * mult * 2
+        self.gap_fc = spectral_norm(nn.Linear(dim, 1, bias=False))
+        self.gmp_fc = spectral_norm(nn.Linear(dim, 1, bias=False))
+        self.conv1x1 = nn.Conv2d(dim * 2, dim, 1, 1, bias=True)
+        self.leaky_relu = nn.LeakyReLU(0.2, True)
+        self.pad = nn.ReflectionPad2d(1)
+        self.conv = spectral_norm(nn.Conv2d(dim, 1, 4, 1, 0, bias=False))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.model(x)
+        # The official code re-weights with the un-normalised weight (`weight_orig`), not W / sigma.
+        x, cam_logit = class_activation(
+            x, self.gap_fc, self.gmp_fc, raw_weight(self.gap_fc), raw_weight(self.gmp_fc)
+        )
+        x = self.leaky_relu(self.conv1x1(x))
+        heatmap = torch.sum(x, dim=1, keepdim=True)
+        return self.conv(self.pad(x)), cam_logit, heatmap
+
+
+GENERATORS = ("genA2B", "genB2A")
+DISCRIMINATORS = ("disGA", "disGB", "disLA", "disLB")
+NETWORKS = GENERATORS + DISCRIMINATORS
+
+
+def build_generator(config: Config) -> ResnetGenerator:
+    return ResnetGenerator(config.ch, config.n_res, config.img_size, config.light)
+
+
+def build_networks(config: Config) -> dict[str, nn.Module]:
+    """The six networks, keyed by their official names; disG* judge globally, disL* locally."""
+    nets: dict[str, nn.Module] = {name: build_generator(config) for name in GENERATORS}
+    for domain in "AB":
+        nets[f"disG{domain}"] = Discriminator(config.ch, config.global_layers)
+        nets[f"disL{domain}"] = Discriminator(config.ch, config.local_layers)
+    return {name: nets[name] for name in NETWORKS}

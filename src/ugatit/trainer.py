@@ -1,0 +1,90 @@
+"""One U-GAT-IT training iteration: the six networks, their two Adam optimizers, and the update rule.
+
+`Trainer.train_step` is the official update (UGATIT_SPEC.md section 2) with two savings that leave every number
+unchanged: the two translations of the real batches are computed once and shared by the discriminator update
+(detached) and the generator update (6 generator passes per step instead of 8, and no backward through the
+generators in the D update), and the discriminators' weight gradients are not computed in the G update.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .config import Config
+from .losses import discriminator_losses, generator_losses
+from .models import DISCRIMINATORS, GENERATORS, build_networks
+from .norms import clip_rho
+
+
+def learning_rate(config: Config, step: int) -> float:
+    """Learning rate of the 1-based step `step`: constant, then linear decay to 0 over the second half.
+
+    The official loop subtracts lr / (iterations // 2) at the start of every step past the half-way point; this is
+    the same value as a function of the step, so it is right after a resume too.
+    """
+    half = config.iterations // 2
+    if not config.decay or half == 0 or step <= half:
+        return config.lr
+    return max(0.0, config.lr * (1.0 - (step - half) / half))
+
+
+def _adam(params: Iterator[nn.Parameter], config: Config) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+
+
+class Trainer:
+    """Owns the networks (keyed by their official names) and the optimizers; `step` counts completed steps."""
+
+    def __init__(
+        self, config: Config, device: str | torch.device = "cpu", nets: dict[str, nn.Module] | None = None
+    ):
+        self.config = config
+        self.device = torch.device(device)
+        self.nets = {
+            name: net.to(self.device).train() for name, net in (nets or build_networks(config)).items()
+        }
+        self.opt_G = _adam(itertools.chain(*(self.nets[n].parameters() for n in GENERATORS)), config)
+        self.opt_D = _adam(itertools.chain(*(self.nets[n].parameters() for n in DISCRIMINATORS)), config)
+        self.step = 0
+
+    def _set_discriminators_trainable(self, trainable: bool) -> None:
+        for name in DISCRIMINATORS:
+            self.nets[name].requires_grad_(trainable)
+
+    def train_step(self, real_A: torch.Tensor, real_B: torch.Tensor) -> dict[str, float]:
+        """One D update then one G update on a pair of batches; returns every loss term as a float."""
+        config, nets = self.config, self.nets
+        lr = learning_rate(config, self.step + 1)
+        for optimizer in (self.opt_G, self.opt_D):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        real_A = real_A.to(self.device, non_blocking=True)
+        real_B = real_B.to(self.device, non_blocking=True)
+
+        fake_A2B, cam_A2B, _ = nets["genA2B"](real_A)
+        fake_B2A, cam_B2A, _ = nets["genB2A"](real_B)
+
+        self.opt_D.zero_grad(set_to_none=True)
+        d_terms = discriminator_losses(nets, real_A, real_B, fake_A2B.detach(), fake_B2A.detach(), config)
+        d_terms["d_loss"].backward()
+        self.opt_D.step()
+
+        self.opt_G.zero_grad(set_to_none=True)
+        self._set_discriminators_trainable(False)
+        try:
+            g_terms = generator_losses(nets, real_A, real_B, fake_A2B, fake_B2A, cam_A2B, cam_B2A, config)
+            g_terms["g_loss"].backward()
+        finally:
+            self._set_discriminators_trainable(True)
+        self.opt_G.step()
+        for name in GENERATORS:
+            clip_rho(nets[name])
+
+        self.step += 1
+        terms = {name: value.detach() for name, value in {**d_terms, **g_terms}.items()}
+        values = torch.stack(list(terms.values())).double().tolist()
+        return {"lr": lr, **dict(zip(terms, values))}
