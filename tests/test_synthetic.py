@@ -45,12 +45,7 @@ def test_sample_format_and_shape_size(real):
             area = mask.mean()
             # Circumscribed diameter 30-60%: a 30% triangle covers ~2.9%, a 60% disc ~28%.
             assert 0.025 <= area <= 0.29
-            assert (
-                not mask[:3].any()
-                and not mask[-3:].any()
-                and not mask[:, :3].any()
-                and not mask[:, -3:].any()
-            )
+            assert not mask[:3].any() and not mask[-3:].any() and not mask[:, :3].any() and not mask[:, -3:].any()
 
 
 def test_domain_style_statistics(real):
@@ -154,10 +149,7 @@ def test_naive_colour_swap_is_judged_b_and_keeps_shape(real):
     assert result["target_domain_rate"] >= 0.95 and result["mean_iou"] > 0.95
     # And back: B inverted looks like A.
     b_inputs = [image for image, _ in real["B"][:40]]
-    assert (
-        evaluate_translation(b_inputs, [naive_a_to_b(x) for x in b_inputs], "B", "A")["target_domain_rate"]
-        >= 0.95
-    )
+    assert evaluate_translation(b_inputs, [naive_a_to_b(x) for x in b_inputs], "B", "A")["target_domain_rate"] >= 0.95
 
 
 def test_blank_and_wrong_outputs_score_low(real):

@@ -66,9 +66,7 @@ def unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
     return states
 
 
-def save_model(
-    path: str | Path, states: dict[str, dict[str, torch.Tensor]], config: Config, **meta: str
-) -> None:
+def save_model(path: str | Path, states: dict[str, dict[str, torch.Tensor]], config: Config, **meta: str) -> None:
     """Write network state_dicts and their config to one safetensors file, atomically."""
     tensors = flatten(states)
     metadata = {"format": "ugatit", "ugatit_version": __version__, "config": config.to_json(), **meta}

@@ -169,9 +169,7 @@ def scan_folder(folder: str | os.PathLike, min_size: int) -> FolderReport:
     return report
 
 
-def scan_dataset(
-    root: str | os.PathLike, min_size: int, require_test: bool = False
-) -> dict[str, FolderReport]:
+def scan_dataset(root: str | os.PathLike, min_size: int, require_test: bool = False) -> dict[str, FolderReport]:
     """Scan ROOT/trainA, trainB and, when present (or required), testA, testB.
 
     Raises DataError for a missing root or required folder, a required folder without usable
@@ -238,9 +236,7 @@ def _resize(img: Image.Image, size: int, keep_aspect: bool) -> Image.Image:
     return img.resize(new, Image.Resampling.BILINEAR)
 
 
-def train_transform(
-    img: Image.Image, img_size: int, rng: random.Random, keep_aspect: bool = False
-) -> torch.Tensor:
+def train_transform(img: Image.Image, img_size: int, rng: random.Random, keep_aspect: bool = False) -> torch.Tensor:
     """Official training augmentation: flip(p=0.5) -> resize to img_size+30 -> random crop img_size."""
     if rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -176,9 +176,7 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.model(x)
         # The official code re-weights with the un-normalised weight (`weight_orig`), not W / sigma.
-        x, cam_logit = class_activation(
-            x, self.gap_fc, self.gmp_fc, raw_weight(self.gap_fc), raw_weight(self.gmp_fc)
-        )
+        x, cam_logit = class_activation(x, self.gap_fc, self.gmp_fc, raw_weight(self.gap_fc), raw_weight(self.gmp_fc))
         x = self.leaky_relu(self.conv1x1(x))
         heatmap = torch.sum(x, dim=1, keepdim=True)
         return self.conv(self.pad(x)), cam_logit, heatmap

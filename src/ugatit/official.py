@@ -48,20 +48,16 @@ def read_official(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+        if "Unsupported global" in str(exc) or "not an allowed global" in str(exc):
             raise CheckpointError(
                 f"{path}: refused, it holds Python objects that would need code to be run to load "
                 "(only plain tensors and dicts are accepted)"
             ) from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
-    except (
-        Exception
-    ) as exc:  # torch.load raises RuntimeError, EOFError, ... on files that are not checkpoints
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (its contents cannot be unpickled)") from None
+    except Exception as exc:  # torch.load raises RuntimeError, EOFError, ... on files that are not checkpoints
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-        raise CheckpointError(
-            f"{path}: not an official U-GAT-IT checkpoint (expected a dict of the six networks)"
-        )
+        raise CheckpointError(f"{path}: not an official U-GAT-IT checkpoint (expected a dict of the six networks)")
     missing = [name for name in NETWORKS if name not in data]
     extra = sorted(set(data) - set(NETWORKS))
     if missing or extra:
@@ -101,9 +97,7 @@ def infer_config(official: dict[str, dict[str, torch.Tensor]], img_size: int | N
     if not light:
         side = round((mlp_in / dim) ** 0.5)
         if side * side * dim != mlp_in:
-            raise CheckpointError(
-                f"genA2B FC.0.weight has {mlp_in} inputs, which fits no image size for ch={ch}"
-            )
+            raise CheckpointError(f"genA2B FC.0.weight has {mlp_in} inputs, which fits no image size for ch={ch}")
         inferred = side * 4
         if img_size is not None and img_size != inferred:
             raise CheckpointError(f"this full-mode model was trained at {inferred} px, not {img_size} px")
@@ -161,17 +155,16 @@ def _describe(config: Config) -> str:
     return f"ch={config.ch}, n_res={config.n_res}, {mode}, img_size={config.img_size}"
 
 
-def ours_to_official(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
-    """Our six state_dicts in the official layout (old spectral-norm keys), ready for `torch.save`."""
+def ours_to_official(states: dict[str, dict[str, torch.Tensor]], config: Config) -> dict[str, dict[str, torch.Tensor]]:
+    """Our six state_dicts in the official layout (old spectral-norm keys, official key order), for `torch.save`."""
+    with torch.device("meta"):
+        order = {name: list(net.state_dict()) for name, net in build_networks(config).items()}
     return {
-        name: {_to_official(k): v.detach().cpu().clone() for k, v in states[name].items()}
-        for name in NETWORKS
+        name: {_to_official(key): states[name][key].detach().cpu().clone() for key in order[name]} for name in NETWORKS
     }
 
 
-def load_official(
-    path: str | Path, img_size: int | None = None
-) -> tuple[Config, dict[str, dict[str, torch.Tensor]]]:
+def load_official(path: str | Path, img_size: int | None = None) -> tuple[Config, dict[str, dict[str, torch.Tensor]]]:
     """Read, check and convert an official checkpoint; errors name the file."""
     official = read_official(path)
     try:
@@ -181,6 +174,6 @@ def load_official(
         raise CheckpointError(f"{path}: {exc}") from None
 
 
-def save_official(states: dict[str, dict[str, torch.Tensor]], path: str | Path) -> None:
-    official = ours_to_official(states)
+def save_official(states: dict[str, dict[str, torch.Tensor]], config: Config, path: str | Path) -> None:
+    official = ours_to_official(states, config)
     atomic_write(Path(path), lambda tmp: torch.save(official, tmp))

@@ -56,10 +56,7 @@ def _shape_mask(rng: np.random.Generator, size: int) -> np.ndarray:
     angles = rng.uniform(0, 2 * math.pi) + 2 * math.pi * np.arange(n) / n
     vx, vy = cx + radius * np.cos(angles), cy + radius * np.sin(angles)
     # Convex polygon with vertices in angular order: inside = same side of every edge.
-    sides = [
-        (vx[(k + 1) % n] - vx[k]) * (ys - vy[k]) - (vy[(k + 1) % n] - vy[k]) * (xs - vx[k]) >= 0
-        for k in range(n)
-    ]
+    sides = [(vx[(k + 1) % n] - vx[k]) * (ys - vy[k]) - (vy[(k + 1) % n] - vy[k]) * (xs - vx[k]) >= 0 for k in range(n)]
     return np.logical_and.reduce(sides)
 
 
@@ -262,9 +259,7 @@ def evaluate_translation(
     and ``n``.
     """
     if len(inputs) != len(outputs) or len(inputs) == 0:
-        raise ValueError(
-            f"need equally many inputs and outputs, at least one; got {len(inputs)}, {len(outputs)}"
-        )
+        raise ValueError(f"need equally many inputs and outputs, at least one; got {len(inputs)}, {len(outputs)}")
     if input_masks is not None and len(input_masks) != len(inputs):
         raise ValueError(f"got {len(input_masks)} masks for {len(inputs)} inputs")
     hits, ious = 0, []

@@ -39,14 +39,10 @@ def _adam(params: Iterator[nn.Parameter], config: Config) -> torch.optim.Adam:
 class Trainer:
     """Owns the networks (keyed by their official names) and the optimizers; `step` counts completed steps."""
 
-    def __init__(
-        self, config: Config, device: str | torch.device = "cpu", nets: dict[str, nn.Module] | None = None
-    ):
+    def __init__(self, config: Config, device: str | torch.device = "cpu", nets: dict[str, nn.Module] | None = None):
         self.config = config
         self.device = torch.device(device)
-        self.nets = {
-            name: net.to(self.device).train() for name, net in (nets or build_networks(config)).items()
-        }
+        self.nets = {name: net.to(self.device).train() for name, net in (nets or build_networks(config)).items()}
         self.opt_G = _adam(itertools.chain(*(self.nets[n].parameters() for n in GENERATORS)), config)
         self.opt_D = _adam(itertools.chain(*(self.nets[n].parameters() for n in DISCRIMINATORS)), config)
         self.step = 0

@@ -71,9 +71,7 @@ def _to_pil(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(array.permute(1, 2, 0).numpy(), "RGB")
 
 
-def overlay_heatmap(
-    image: Image.Image | torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.5
-) -> Image.Image:
+def overlay_heatmap(image: Image.Image | torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.5) -> Image.Image:
     """Blend the coloured heatmap over ``image`` (weight ``alpha``) to show where the model looks."""
     base = _image_to_unit(image)
     colour = heatmap_to_rgb(heatmap, (base.shape[1], base.shape[2]))

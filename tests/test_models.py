@@ -1,0 +1,194 @@
+"""Self-contained checks of the networks, norms, config and training step (no shared fixture needed)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from ugatit.config import Config, ConfigError, min_image_size
+from ugatit.losses import discriminator_losses
+from ugatit.models import GENERATORS, Discriminator, ResnetGenerator, build_networks
+from ugatit.norms import ILN, AdaILN
+from ugatit.trainer import Trainer, learning_rate
+
+
+def _count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        (lambda: ResnetGenerator(64, 4, 256, light=False), 278_959_808),
+        (lambda: ResnetGenerator(64, 4, 256, light=True), 10_589_888),
+        (lambda: Discriminator(64, 7), 53_130_176),
+        (lambda: Discriminator(64, 5), 3_290_560),
+    ],
+    ids=["full-generator", "light-generator", "global-D", "local-D"],
+)
+def test_parameter_counts_equal_official(module, expected):
+    with torch.device("meta"):
+        assert _count(module()) == expected
+
+
+def test_output_shapes_at_256():
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        out, cam, heat = ResnetGenerator(8, 1, 256, light=True).eval()(x)
+        assert out.shape == (2, 3, 256, 256) and cam.shape == (2, 2) and heat.shape == (2, 1, 64, 64)
+        for layers, side in ((7, 6), (5, 30)):
+            out, cam, heat = Discriminator(8, layers).eval()(x)
+            assert out.shape == (2, 1, side, side) and cam.shape == (2, 2) and heat.shape == (2, 1, side + 1, side + 1)
+
+
+def _reference_iln(x, rho, gamma, beta, eps=1e-5):
+    """Paper eq. 1 in float64 numpy, with the unbiased variance of the official code."""
+    x = x.double().numpy()
+    mu_i = x.mean(axis=(2, 3), keepdims=True)
+    var_i = x.var(axis=(2, 3), keepdims=True, ddof=1)
+    mu_l = x.mean(axis=(1, 2, 3), keepdims=True)
+    var_l = x.var(axis=(1, 2, 3), keepdims=True, ddof=1)
+    mixed = rho * (x - mu_i) / np.sqrt(var_i + eps) + (1 - rho) * (x - mu_l) / np.sqrt(var_l + eps)
+    return mixed * gamma + beta
+
+
+def test_adailn_and_iln_equal_their_formula():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, 6) * 3 + 1
+    ada = AdaILN(5)
+    ada.rho.data.uniform_(0, 1)
+    gamma, beta = torch.randn(3, 5), torch.randn(3, 5)
+    expected = _reference_iln(
+        x,
+        ada.rho.detach().double().numpy(),
+        gamma.double().numpy()[:, :, None, None],
+        beta.double().numpy()[:, :, None, None],
+    )
+    np.testing.assert_allclose(ada(x, gamma, beta).detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+
+    iln = ILN(5)
+    for p in (iln.rho, iln.gamma, iln.beta):
+        p.data.uniform_(0, 1)
+    params = [p.detach().double().numpy() for p in (iln.rho, iln.gamma, iln.beta)]
+    np.testing.assert_allclose(iln(x).detach().numpy(), _reference_iln(x, *params), rtol=1e-4, atol=1e-5)
+
+
+def test_rho_initial_values():
+    assert torch.all(AdaILN(4).rho == 0.9) and torch.all(ILN(4).rho == 0.0)
+
+
+def _tiny_config(**changes):
+    base = dict(img_size=32, ch=4, n_res=1, light=True, global_layers=4, local_layers=3, iterations=100)
+    return Config(**{**base, **changes})
+
+
+def test_rho_is_clipped_after_every_generator_update():
+    torch.manual_seed(0)
+    trainer = Trainer(_tiny_config(lr=0.0))
+    norms = [m for name in GENERATORS for m in trainer.nets[name].modules() if isinstance(m, (AdaILN, ILN))]
+    for i, norm in enumerate(norms):
+        norm.rho.data.fill_(1.7 if i % 2 else -0.4)
+    trainer.train_step(torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1)
+    for i, norm in enumerate(norms):
+        assert torch.all(norm.rho == (1.0 if i % 2 else 0.0))
+
+
+def test_learning_rate_schedule():
+    config = Config(iterations=1000, lr=2e-4)
+    assert learning_rate(config, 1) == 2e-4
+    assert learning_rate(config, 500) == 2e-4
+    assert learning_rate(config, 501) == pytest.approx(2e-4 * (1 - 1 / 500))
+    assert learning_rate(config, 750) == pytest.approx(1e-4)
+    assert learning_rate(config, 1000) == 0.0
+    assert learning_rate(config.replace(decay=False), 1000) == 2e-4
+
+
+def test_learning_rate_equals_official_repeated_subtraction():
+    config = Config(iterations=20, lr=1e-4)
+    lr = config.lr
+    for step in range(1, 21):
+        if step > 10:
+            lr -= config.lr / 10
+        assert learning_rate(config, step) == pytest.approx(lr, abs=1e-12)
+
+
+def _grads(trainer):
+    return {f"{n}.{k}": p.grad.clone() for n, net in trainer.nets.items() for k, p in net.named_parameters()}
+
+
+def test_batch_of_two_equals_mean_of_two_single_batches():
+    """All losses are means and all norms per sample, so a batch's gradient is the mean of the samples' ones."""
+    torch.manual_seed(0)
+    config = _tiny_config(lr=0.0, weight_decay=0.0)
+    start = Trainer(config)
+    a = torch.rand(2, 3, 32, 32) * 2 - 1
+    b = torch.rand(2, 3, 32, 32) * 2 - 1
+    grads = []
+    for real_A, real_B in ((a, b), (a[:1], b[:1]), (a[1:], b[1:])):
+        trainer = Trainer(config, nets=copy.deepcopy(start.nets))
+        trainer.train_step(real_A, real_B)
+        grads.append(_grads(trainer))
+    batch, first, second = grads
+    for key, value in batch.items():
+        mean = (first[key] + second[key]) / 2
+        scale = max(mean.abs().max().item(), 1e-8)
+        assert (value - mean).abs().max().item() <= 2e-4 * scale + 1e-7, key
+
+
+def test_train_step_returns_every_term_and_changes_weights():
+    torch.manual_seed(0)
+    trainer = Trainer(_tiny_config())
+    before = copy.deepcopy(trainer.nets["genA2B"].state_dict())
+    terms = trainer.train_step(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
+    for name in ("d_loss", "g_loss", "D_ad_loss_GA", "D_ad_cam_loss_LB", "G_recon_loss_A", "G_cam_loss_B", "lr"):
+        assert np.isfinite(terms[name]), name
+    assert terms["d_loss"] == pytest.approx(terms["D_loss_A"] + terms["D_loss_B"], rel=1e-6)
+    assert trainer.step == 1
+    after = trainer.nets["genA2B"].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_generator_update_leaves_discriminator_gradients_alone():
+    """After a step, the D gradients are exactly those of the D loss: the G update's backward adds nothing."""
+    torch.manual_seed(0)
+    config = _tiny_config(lr=0.0)
+    trainer = Trainer(config)
+    copy_nets = copy.deepcopy(trainer.nets)
+    real_A, real_B = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    trainer.train_step(real_A, real_B)
+
+    fake_A2B = copy_nets["genA2B"](real_A)[0].detach()
+    fake_B2A = copy_nets["genB2A"](real_B)[0].detach()
+    discriminator_losses(copy_nets, real_A, real_B, fake_A2B, fake_B2A, config)["d_loss"].backward()
+    for name in ("disGA", "disLB"):
+        for (key, p), q in zip(trainer.nets[name].named_parameters(), copy_nets[name].parameters(), strict=True):
+            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), f"{name}.{key}"
+        assert all(p.requires_grad for p in trainer.nets[name].parameters())
+
+
+def test_image_too_small_for_discriminator_is_refused():
+    with pytest.raises(ConfigError, match=r"img_size >= 96.*global_layers <= 6"):
+        Config(img_size=64)
+    assert min_image_size(7) == 96
+    Config(img_size=64, global_layers=6, local_layers=5)
+
+
+@pytest.mark.parametrize("changes", [{"img_size": 30}, {"ch": 0}, {"precision": "bf16"}, {"local_layers": 2}])
+def test_invalid_config_is_refused(changes):
+    with pytest.raises(ConfigError):
+        Config(**changes)
+
+
+def test_config_round_trips_through_json():
+    import json
+
+    config = Config(img_size=128, light=True, cam_weight=500.0)
+    assert Config.from_dict(json.loads(config.to_json())) == config
+    with pytest.raises(ConfigError, match="unknown config field"):
+        Config.from_dict({"img_sz": 3})
+
+
+def test_networks_are_built_with_official_names():
+    nets = build_networks(_tiny_config())
+    assert list(nets) == ["genA2B", "genB2A", "disGA", "disGB", "disLA", "disLB"]
