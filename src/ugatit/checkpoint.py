@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import __version__
 from .config import Config, ConfigError
+from .models import NETWORKS
 
 MODEL_FILE = "model.safetensors"
 
@@ -104,11 +105,13 @@ def load_model(
         config = Config.from_dict(json.loads(metadata["config"]))
     except (ConfigError, json.JSONDecodeError, TypeError) as exc:
         raise CheckpointError(f"{file}: its embedded config is unusable ({exc})") from None
-    states = unflatten(load_file(file))
-    if networks is not None:
-        wanted = list(networks)
-        missing = [n for n in wanted if n not in states]
+    with safe_open(file, framework="pt") as f:
+        stored = {key.partition(".")[0] for key in f.keys()}
+        wanted = list(networks) if networks is not None else [n for n in NETWORKS if n in stored]
+        missing = [n for n in wanted if n not in stored]
         if missing:
-            raise CheckpointError(f"{file}: holds no {', '.join(missing)} (it has {', '.join(states)})")
-        states = {n: states[n] for n in wanted}
-    return config, states
+            raise CheckpointError(f"{file}: holds no {', '.join(missing)} (it has {', '.join(sorted(stored))})")
+        # Read only the networks asked for: a full-mode generator alone is 1 GiB.
+        tensors = {key: f.get_tensor(key) for key in f.keys() if key.partition(".")[0] in wanted}
+    states = unflatten(tensors)
+    return config, {name: states[name] for name in wanted}

@@ -7,13 +7,16 @@ a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .checkpoint import CheckpointError, load_model, save_model
-from .config import ConfigError
+from .config import PRESETS, Config, ConfigError
 from .data import BadImageError, DataError
 
 USER_ERRORS = (CheckpointError, ConfigError, DataError, BadImageError, FileExistsError, FileNotFoundError)
@@ -46,6 +49,115 @@ def cmd_export_official(args: argparse.Namespace) -> None:
     print(f"wrote official-layout checkpoint {out}")
 
 
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per Config field, named after it in kebab-case; unset options stay None (= not requested)."""
+    group = parser.add_argument_group("configuration (every Config field; defaults are the official ones)")
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"default {getattr(defaults, f.name)!r}"
+        if f.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, type=_TYPES[str(f.type)], default=None, metavar=f.name.upper(), help=help_text)
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {file} does not exist")
+    text = file.read_text()
+    if file.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{file}: reading YAML needs pyyaml: pip install 'ugatit[yaml]' (or use JSON)") from None
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{file}: expected a mapping of config fields")
+    return {key.replace("-", "_"): value for key, value in values.items()}
+
+
+def requested_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Preset, then config file, then command-line options: the settings the user asked for explicitly."""
+    requested: dict[str, Any] = {}
+    if args.preset:
+        if args.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+        requested.update(PRESETS[args.preset])
+    if args.config:
+        requested.update(_read_config_file(args.config))
+    for f in dataclasses.fields(Config):
+        value = getattr(args, f.name)
+        if value is not None:
+            requested[f.name] = value
+    return requested
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import run_config, train
+
+    config = run_config(args.run_dir, requested_config(args), overwrite=args.overwrite)
+    mode = "light" if config.light else "full"
+    print(
+        f"training {args.data} -> {args.run_dir}: {config.img_size} px, ch {config.ch}, n_res {config.n_res}, {mode}, "
+        f"{config.iterations} iterations, batch {config.batch_size}, precision {config.precision}"
+    )
+    train(
+        config, args.data, args.run_dir, device=args.device, overwrite=args.overwrite,
+        skip_bad_images=args.skip_bad_images, until=args.until, progress=not args.no_progress,
+    )  # fmt: skip
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from .data import format_report, scan_dataset
+
+    try:
+        reports = scan_dataset(args.data, min_size=args.min_size)
+    except DataError as exc:
+        if exc.reports:
+            print(format_report(exc.reports))
+        raise
+    print(format_report(reports))
+    bad = sum(len(r.bad) for r in reports.values())
+    if bad:
+        print(f"{bad} unusable file(s): fix or remove them, or train with --skip-bad-images")
+        return 1
+    print("all images are usable")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .models import GENERATORS, NETWORKS
+
+    out = Path(args.out)
+    _refuse_existing(out, args.overwrite)
+    if args.generator_only:
+        names = GENERATORS if args.direction == "both" else (f"gen{args.direction}",)
+    else:
+        names = NETWORKS
+    config, states = load_model(args.checkpoint, names)
+    save_model(out, states, config)
+    print(f"wrote {', '.join(names)} to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+
+
+def cmd_translate(args: argparse.Namespace) -> None:
+    from .inference import Translator, translate_files
+    from .train import resolve_device
+
+    translator = Translator.from_checkpoint(args.checkpoint, args.direction, device=resolve_device(args.device))
+    outputs = translate_files(
+        translator, args.inputs, args.out, batch_size=args.batch_size, heatmap=args.heatmap,
+        original_size=args.original_size, overwrite=args.overwrite, progress=not args.no_progress,
+    )  # fmt: skip
+    print(f"translated {len(outputs)} image(s) {args.direction} into {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ugatit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ugatit {__version__}")
@@ -63,6 +175,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="official-layout file to write (.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export_official)
+
+    p = sub.add_parser("train", help="train (or resume) a model on DATA/trainA and DATA/trainB")
+    p.add_argument("data", help="dataset folder with trainA/ and trainB/ (testA/, testB/ optional)")
+    p.add_argument("--run-dir", required=True, help="where checkpoints, samples and logs go; rerun to resume")
+    p.add_argument("--preset", choices=list(PRESETS), help="paper (official defaults), light, cpu-small")
+    p.add_argument("--config", help="YAML or JSON file of config fields; command-line options override it")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --run-dir and start again")
+    p.add_argument("--skip-bad-images", action="store_true", help="list unusable images and train without them")
+    p.add_argument("--until", type=int, help="stop after this step (with a checkpoint), before --iterations")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("check-data", help="scan a dataset folder and list every unusable image with its reason")
+    p.add_argument("data", help="dataset folder with trainA/, trainB/ (and optionally testA/, testB/)")
+    p.add_argument("--min-size", type=int, default=32, help="smallest usable shorter side in pixels (default 32)")
+    p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("translate", help="translate images with a trained model")
+    p.add_argument("checkpoint", help="checkpoint folder, model file, or generator-only file")
+    p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--out", required=True, help="output folder; one PNG per input, named after it")
+    p.add_argument("--direction", default="A2B", choices=["A2B", "B2A"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--heatmap", action="store_true", help="also write the attention heatmap over each input")
+    p.add_argument("--original-size", action="store_true", help="return results at each input's own size")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("export", help="write a smaller model file from a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint folder or .safetensors file")
+    p.add_argument("--out", required=True, help="file to write (.safetensors)")
+    p.add_argument("--generator-only", action="store_true", help="only the generator(s): an inference-only file")
+    p.add_argument("--direction", default="both", choices=["A2B", "B2A", "both"], help="with --generator-only")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -377,7 +378,9 @@ class EpochSampler:
 
 
 def _seed_worker(seed: int, rank: int, worker_id: int) -> None:
-    """Seed global RNGs per worker anyway, for any library code that uses them."""
+    """Seed global RNGs per worker anyway, for any library code that uses them. Workers ignore Ctrl-C: the main
+    process decides when to stop, after finishing its step and saving a checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     s = int(_seed_words(seed, 2, rank, worker_id).generate_state(1, np.uint64)[0]) & _MASK63
     random.seed(s)
     np.random.seed(s % 2**32)

@@ -1,0 +1,270 @@
+"""Translate images with a trained generator: `Translator` for Python callers, `translate_files` for the CLI.
+
+Inference follows the official test path: each image is resized to the trained `img_size` (or, with `keep_aspect`,
+shorter side + centre crop) by `data.eval_transform`, the generator runs in fp32 under `torch.inference_mode`, and
+its [-1, 1] output becomes 8-bit RGB. Batching only changes speed: every normalisation in the generator is per
+sample, so no image sees another one's statistics.
+
+`translate_files` does every check before it writes anything (inputs exist, are decodable, no output exists
+unless overwriting is asked for, no output lands on an input), so a refused job leaves the output folder as it was.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, load_model
+from .config import Config
+from .data import eval_transform, list_images, load_rgb, to_image
+from .models import build_generator
+from .visualize import overlay_heatmap, save_image
+
+DIRECTIONS = {"A2B": "genA2B", "B2A": "genB2A"}
+HEATMAP_SUFFIX = "_heatmap"
+OUTPUT_SUFFIX = ".png"  # lossless whatever the input format, so outputs are exactly what the model produced
+_LOAD_THREADS = min(8, os.cpu_count() or 1)  # PIL releases the GIL while decoding
+
+
+def generator_name(direction: str) -> str:
+    """The network that translates in `direction` ("A2B" -> "genA2B")."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction {direction!r} must be one of: {', '.join(DIRECTIONS)}")
+    return DIRECTIONS[direction]
+
+
+class Translator:
+    """One generator in eval mode with the config it was trained with; call it on PIL images.
+
+    Results come at the trained `img_size`, the only size a full (non-light) generator accepts; `original_size=True`
+    resizes them back (bicubic) to each input's width x height. `batch_size` bounds how many images go through the
+    generator at once, which bounds memory, not the number of images a call accepts.
+    """
+
+    def __init__(self, generator: nn.Module, config: Config, direction: str = "A2B", batch_size: int = 8) -> None:
+        generator_name(direction)  # refuses an unknown direction now rather than at the first call
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be a positive integer")
+        self.generator = generator.eval().requires_grad_(False)
+        self.config = config
+        self.direction = direction
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, direction: str = "A2B", device: str | torch.device = "cpu", batch_size: int = 8
+    ) -> Translator:
+        """Build the `direction` generator from any of our checkpoints (full, generator-only, or a run folder).
+
+        Only that generator is built and loaded; a checkpoint without it raises `CheckpointError`.
+        """
+        name = generator_name(direction)
+        config, states = load_model(path, [name])
+        generator = build_generator(config)
+        try:
+            generator.load_state_dict(states[name])
+        except RuntimeError as exc:
+            first_line = str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"{path}: {name} does not fit its embedded config ({first_line})") from None
+        return cls(generator.to(device), config, direction, batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    def __call__(
+        self, image: Image.Image | Sequence[Image.Image], original_size: bool = False, batch_size: int | None = None
+    ) -> Image.Image | list[Image.Image]:
+        """Translate one image (returns one) or a sequence (returns a list, in order)."""
+        if isinstance(image, Image.Image):
+            return self._translate([image], original_size, False, batch_size)[0][0]
+        return [out for out, _ in self._translate(list(image), original_size, False, batch_size)]
+
+    def translate_with_heatmap(
+        self, images: Image.Image | Sequence[Image.Image], original_size: bool = False, batch_size: int | None = None
+    ) -> tuple[Image.Image, Image.Image] | list[tuple[Image.Image, Image.Image]]:
+        """Like calling the translator, plus the CAM attention heatmap blended over the image the model saw.
+
+        The overlay is drawn on the resized (or cropped) model input rather than the original, so the heatmap lines
+        up with what was attended to; with `original_size` it is then resized back like the translation.
+        """
+        if isinstance(images, Image.Image):
+            return self._translate([images], original_size, True, batch_size)[0]
+        return self._translate(list(images), original_size, True, batch_size)
+
+    def _translate(
+        self, images: list[Image.Image], original_size: bool, heatmap: bool, batch_size: int | None
+    ) -> list[tuple[Image.Image, Image.Image | None]]:
+        size = batch_size or self.batch_size
+        results = []
+        for start in range(0, len(images), size):
+            chunk = images[start : start + size]
+            inputs = torch.stack([self._transform(img) for img in chunk])
+            with torch.inference_mode():
+                outputs, _, heatmaps = self.generator(inputs.to(self.device))
+            outputs, heatmaps = outputs.float().cpu(), heatmaps.float().cpu()
+            for img, x, y, cam in zip(chunk, inputs, outputs, heatmaps, strict=True):
+                out = to_image(y)
+                overlay = overlay_heatmap(x, cam) if heatmap else None
+                if original_size:
+                    out = _resize_to(out, img.size)
+                    overlay = None if overlay is None else _resize_to(overlay, img.size)
+                results.append((out, overlay))
+        return results
+
+    def _transform(self, image: Image.Image) -> torch.Tensor:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return eval_transform(rgb, self.config.img_size, self.config.keep_aspect)
+
+
+def _resize_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input image and the file(s) its translation goes to (`heatmap` is None unless heatmaps are asked for)."""
+
+    source: Path
+    output: Path
+    heatmap: Path | None = None
+
+
+def _is_pattern(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def _expand_path(path: Path, label: str) -> list[tuple[Path, Path]]:
+    if path.is_dir():
+        files = list_images(path)
+        if not files:
+            raise FileNotFoundError(f"{label}: the folder holds no images")
+        return [(file, file.relative_to(path).with_name(file.stem)) for file in files]
+    if path.is_file():
+        return [(path, Path(path.stem))]
+    raise FileNotFoundError(f"{label}: no such file or folder")
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, Path]]:
+    """Each input image with the name its output is derived from: a relative path without suffix.
+
+    Files are named by their stem, images found in a folder by their path inside it, glob matches like files
+    (a matching folder like a folder). An existing path is taken literally even when it contains glob characters.
+    A file reached twice (say, by name and through its folder) is translated once, under its first name.
+    """
+    found: list[tuple[Path, Path]] = []
+    seen: set[Path] = set()
+    for item in inputs:
+        text = os.path.expanduser(os.fspath(item))
+        path = Path(text)
+        if path.exists() or not _is_pattern(text):
+            pairs = _expand_path(path, text)
+        else:
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"{text}: no file matches this pattern")
+            pairs = [pair for match in matches for pair in _expand_path(Path(match), match)]
+        for source, name in pairs:
+            key = source.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append((source, name))
+    return found
+
+
+def plan_outputs(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, heatmap: bool = False) -> list[Job]:
+    """Where each input's outputs go: `<out_dir>/<name>.png` (+ `<name>_heatmap.png`), names made unique.
+
+    A name already taken by an earlier input gets `_1`, `_2`, ... so inputs never overwrite each other, and the
+    result depends only on the order of the inputs. Names are compared case-insensitively so the outputs also stay
+    apart on case-insensitive file systems.
+    """
+    out_dir = Path(out_dir)
+    taken: set[str] = set()
+    jobs = []
+    for source, name in expand_inputs(inputs):
+        for n in itertools.count():
+            base = name if n == 0 else name.with_name(f"{name.name}_{n}")
+            files = [base.with_name(base.name + OUTPUT_SUFFIX)]
+            if heatmap:
+                files.append(base.with_name(base.name + HEATMAP_SUFFIX + OUTPUT_SUFFIX))
+            keys = {file.as_posix().casefold() for file in files}
+            if not keys & taken:
+                break
+        taken |= keys
+        jobs.append(Job(source, out_dir / files[0], out_dir / files[1] if heatmap else None))
+    return jobs
+
+
+def _check_outputs(jobs: list[Job], overwrite: bool) -> None:
+    sources = {job.source.resolve() for job in jobs}
+    outputs = [path for job in jobs for path in (job.output, job.heatmap) if path is not None]
+    for path in outputs:
+        if path.resolve() in sources:
+            raise FileExistsError(f"{path} would overwrite its own input; choose another output folder")
+    if not overwrite:
+        existing = [path for path in outputs if os.path.lexists(path)]
+        if existing:
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            raise FileExistsError(f"{existing[0]} already exists{more}; pass --overwrite to replace it")
+
+
+def _check_readable(jobs: list[Job]) -> None:
+    """Fully decode every input now, so a corrupt one stops the job before any output is written."""
+    with ThreadPoolExecutor(_LOAD_THREADS) as pool:
+        # Raises the first BadImageError in input order; keeping only sizes bounds the memory used.
+        list(pool.map(lambda job: load_rgb(job.source).size, jobs))
+
+
+def translate_files(
+    translator: Translator,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    batch_size: int = 8,
+    heatmap: bool = False,
+    original_size: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Translate image files, folders and glob patterns into `out_dir`; returns each input's output path, in order.
+
+    Raises FileNotFoundError (missing input, unmatched pattern), BadImageError (undecodable input) or
+    FileExistsError (an output exists and `overwrite` is False) before anything is written. Each file is written
+    atomically; the next batch is decoded while the current one is translated.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be a positive integer")
+    jobs = plan_outputs(inputs, out_dir, heatmap)
+    _check_outputs(jobs, overwrite)
+    _check_readable(jobs)
+    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    with ThreadPoolExecutor(_LOAD_THREADS) as pool, tqdm(total=len(jobs), unit="img", disable=not progress) as bar:
+        pending = [pool.submit(load_rgb, job.source) for job in batches[0]] if batches else []
+        for index, batch in enumerate(batches):
+            images = [future.result() for future in pending]
+            if index + 1 < len(batches):
+                pending = [pool.submit(load_rgb, job.source) for job in batches[index + 1]]
+            if heatmap:
+                results = translator.translate_with_heatmap(images, original_size, batch_size)
+            else:
+                results = [(out, None) for out in translator(images, original_size, batch_size)]
+            for job, (out, overlay) in zip(batch, results, strict=True):
+                save_image(out, job.output)
+                if overlay is not None:
+                    save_image(overlay, job.heatmap)
+            bar.update(len(batch))
+    return [job.output for job in jobs]

@@ -1,0 +1,188 @@
+"""Training runs: exact resume, atomic checkpoints, run-directory safety, signals, bad data, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ugatit.checkpoint import load_model
+from ugatit.cli import main
+from ugatit.config import Config
+from ugatit.data import DataError
+from ugatit.synthetic import write_dataset
+from ugatit.train import list_checkpoints, load_checkpoint, train
+from ugatit.trainer import Trainer
+
+TINY = dict(img_size=32, ch=4, n_res=1, light=True, global_layers=4, local_layers=3, num_workers=0, log_every=1)
+TINY_ARGS = "--img-size 32 --ch 4 --n-res 1 --light --global-layers 4 --local-layers 3 --num-workers 0".split()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("synthetic") / "data", size=32, n_train=8, n_test=3, seed=1)
+
+
+def _weights(run_dir):
+    _, states = load_model(list_checkpoints(run_dir)[-1][1])
+    return states
+
+
+def test_resume_is_exact(dataset, tmp_path):
+    """6 steps in one go equal 3 steps, a stop, and a resume to 6: weights, u/v vectors and optimizer moments."""
+    config = Config(**TINY, iterations=6, save_every=100, sample_every=100, batch_size=2)
+    train(config, dataset, tmp_path / "one", progress=False)
+    train(config, dataset, tmp_path / "two", until=3, progress=False)
+    assert [step for step, _ in list_checkpoints(tmp_path / "two")] == [3]
+    train(config, dataset, tmp_path / "two", progress=False)
+
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for net in one:
+        for key in one[net]:
+            assert torch.equal(one[net][key], two[net][key]), f"{net}.{key}"
+    states = []
+    for run in ("one", "two"):
+        trainer = Trainer(config)
+        load_checkpoint(trainer, list_checkpoints(tmp_path / run)[-1][1])
+        states.append(trainer.opt_G.state_dict()["state"])
+    for index, moments in states[0].items():
+        assert torch.equal(moments["exp_avg_sq"], states[1][index]["exp_avg_sq"])
+    logged = [json.loads(line)["step"] for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_data_workers_is_exact(dataset, tmp_path):
+    config = Config(**{**TINY, "num_workers": 2}, iterations=4, save_every=100, sample_every=100)
+    train(config, dataset, tmp_path / "one", progress=False)
+    train(config, dataset, tmp_path / "two", until=2, progress=False)
+    train(config, dataset, tmp_path / "two", progress=False)
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert all(torch.equal(one[n][k], two[n][k]) for n in one for k in one[n])
+
+
+def test_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(dataset, tmp_path, monkeypatch):
+    config = Config(**TINY, iterations=4, save_every=2, sample_every=100)
+    run = tmp_path / "run"
+    train(config, dataset, run, until=2, progress=False)
+
+    import ugatit.train as train_module
+
+    def dies_halfway(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("simulated crash while writing")
+
+    monkeypatch.setattr(train_module.torch, "save", dies_halfway)
+    with pytest.raises(OSError, match="simulated crash"):
+        train(config, dataset, run, progress=False)
+    monkeypatch.undo()
+
+    assert [step for step, _ in list_checkpoints(run)] == [2]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    trainer = Trainer(config)
+    load_checkpoint(trainer, list_checkpoints(run)[-1][1])
+    assert trainer.step == 2
+    train(config, dataset, run, progress=False)
+    assert list_checkpoints(run)[-1][0] == 4
+
+
+def test_keep_last_prunes_old_checkpoints(dataset, tmp_path):
+    config = Config(**TINY, iterations=6, save_every=1, sample_every=100, keep_last=2)
+    train(config, dataset, tmp_path, progress=False)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [5, 6]
+
+
+def test_run_directory_of_another_run_is_never_overwritten(dataset, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", str(dataset), "--run-dir", str(run), *TINY_ARGS, "--iterations", "2", "--no-progress"]) == 0
+    before = (list_checkpoints(run)[-1][1] / "model.safetensors").read_bytes()
+    other = TINY_ARGS[:3] + ["8"] + TINY_ARGS[4:]  # --ch 8
+    assert main(["train", str(dataset), "--run-dir", str(run), *other, "--iterations", "2", "--no-progress"]) == 2
+    assert (list_checkpoints(run)[-1][1] / "model.safetensors").read_bytes() == before
+    # Resuming with only the changeable settings given, or none, continues the stored run.
+    assert main(["train", str(dataset), "--run-dir", str(run), "--iterations", "3", "--no-progress"]) == 0
+    assert list_checkpoints(run)[-1][0] == 3
+    assert json.loads((run / "config.json").read_text())["ch"] == 4
+    args = ["train", str(dataset), "--run-dir", str(run), *other, "--iterations", "1", "--overwrite", "--no-progress"]
+    assert main(args) == 0
+    assert [step for step, _ in list_checkpoints(run)] == [1]
+    assert json.loads((run / "config.json").read_text())["ch"] == 8
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(dataset, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ugatit", "train", str(dataset), "--run-dir", str(run), *TINY_ARGS,
+           "--iterations", "100000", "--save-every", "100000", "--sample-every", "100000", "--log-every", "1",
+           "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "checkpoint saved" in out
+    steps = [step for step, _ in list_checkpoints(run)]
+    assert len(steps) == 1 and steps[0] >= 2
+
+
+def _bad_dataset(root: Path):
+    for split in ("trainA", "trainB"):
+        (root / split).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 40), (i * 60, 100, 200)).save(root / split / f"{i}.png")
+    (root / "trainA" / "broken.jpg").write_bytes(b"")
+    (root / "trainB" / "notes.png").write_text("not an image")
+    return root
+
+
+def test_bad_images_are_refused_then_skipped_on_request(tmp_path, capsys):
+    data = _bad_dataset(tmp_path / "data")
+    config = Config(**TINY, iterations=1, sample_every=100)
+    with pytest.raises(DataError, match="broken.jpg: zero-byte file") as info:
+        train(config, data, tmp_path / "run", progress=False)
+    assert "notes.png" in str(info.value)
+    assert not list_checkpoints(tmp_path / "run")
+    train(config, data, tmp_path / "run", skip_bad_images=True, progress=False)
+    assert list_checkpoints(tmp_path / "run")[-1][0] == 1
+
+
+def test_check_data_reports_and_exit_codes(tmp_path, capsys, dataset):
+    assert main(["check-data", str(dataset)]) == 0
+    assert "trainA: 8 good, 0 bad" in capsys.readouterr().out
+    data = _bad_dataset(tmp_path / "bad")
+    assert main(["check-data", str(data)]) == 1
+    out = capsys.readouterr().out
+    assert "broken.jpg: zero-byte file" in out and "notes.png: not an image" in out
+    assert main(["check-data", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_export_generator_only(dataset, tmp_path):
+    config = Config(**TINY, iterations=1, sample_every=100)
+    train(config, dataset, tmp_path / "run", progress=False)
+    checkpoint = list_checkpoints(tmp_path / "run")[-1][1]
+    out = tmp_path / "g.safetensors"
+    assert main(["export", str(checkpoint), "--generator-only", "--direction", "A2B", "--out", str(out)]) == 0
+    loaded_config, states = load_model(out)
+    assert list(states) == ["genA2B"] and loaded_config == config
+    _, full = load_model(checkpoint)
+    assert all(torch.equal(states["genA2B"][k], full["genA2B"][k]) for k in states["genA2B"])
+    assert out.stat().st_size < (checkpoint / "model.safetensors").stat().st_size / 2
+    assert main(["export", str(checkpoint), "--generator-only", "--out", str(out)]) == 2
+
+
+def test_samples_have_the_official_layout(dataset, tmp_path):
+    config = Config(**TINY, iterations=2, sample_every=2)
+    train(config, dataset, tmp_path, progress=False)
+    grid = Image.open(tmp_path / "samples" / "A2B_0000002.png")
+    chosen = json.loads((tmp_path / "samples.json").read_text())
+    assert grid.size == (32 * len(chosen["A"]), 32 * 7)
+    assert len(chosen["A"]) == 8  # 5 train + 3 test images
+    assert os.path.isfile(tmp_path / "samples" / "B2A_0000002.png")
