@@ -192,3 +192,21 @@ def test_config_round_trips_through_json():
 def test_networks_are_built_with_official_names():
     nets = build_networks(_tiny_config())
     assert list(nets) == ["genA2B", "genB2A", "disGA", "disGB", "disLA", "disLB"]
+
+
+def test_update_with_non_finite_gradient_is_skipped_not_applied():
+    torch.manual_seed(0)
+    trainer = Trainer(_tiny_config())
+    weight = trainer.nets["genB2A"].DownBlock[1].weight
+    handle = weight.register_hook(lambda grad: grad * float("inf"))
+    before = {n: copy.deepcopy(net.state_dict()) for n, net in trainer.nets.items()}
+    terms = trainer.train_step(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
+    handle.remove()
+    assert terms["skipped_G"] == 1.0 and terms["skipped_D"] == 0.0 and trainer.skipped == {"D": 0, "G": 1}
+    for name in GENERATORS:
+        after = trainer.nets[name].state_dict()
+        assert all(torch.equal(before[name][k], after[k]) for k in after if "rho" not in k)
+    assert not torch.equal(before["disGA"]["conv1x1.weight"], trainer.nets["disGA"].state_dict()["conv1x1.weight"])
+    terms = trainer.train_step(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
+    assert terms["skipped_G"] == 0.0
+    assert all(torch.isfinite(p).all() for net in trainer.nets.values() for p in net.parameters())

@@ -158,6 +158,14 @@ def cmd_translate(args: argparse.Namespace) -> None:
     print(f"translated {len(outputs)} image(s) {args.direction} into {args.out}")
 
 
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from .config import preset
+    from .quickstart import quickstart
+
+    overrides = {"iterations": args.iterations} if args.iterations else {}
+    quickstart(args.out, preset("cpu-small", **overrides), progress=not args.no_progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ugatit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ugatit {__version__}")
@@ -175,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="official-layout file to write (.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export_official)
+
+    p = sub.add_parser("quickstart", help="make a synthetic dataset, train on it, translate, and report (minutes)")
+    p.add_argument("--out", default="quickstart_out", help="folder for everything it writes (default quickstart_out)")
+    p.add_argument("--iterations", type=int, help="training steps (default: the cpu-small preset's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("train", help="train (or resume) a model on DATA/trainA and DATA/trainB")
     p.add_argument("data", help="dataset folder with trainA/ and trainB/ (testA/, testB/ optional)")

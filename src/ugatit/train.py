@@ -379,7 +379,10 @@ def train(
                 entry = {"step": step, "time": round(time.time() - started, 3), **terms}
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
-                bar.set_postfix(d_loss=f"{terms['d_loss']:.3f}", g_loss=f"{terms['g_loss']:.1f}", refresh=False)
+                postfix = {"d_loss": f"{terms['d_loss']:.3f}", "g_loss": f"{terms['g_loss']:.1f}"}
+                if any(trainer.skipped.values()):
+                    postfix["skipped"] = "D{D} G{G}".format(**trainer.skipped)
+                bar.set_postfix(postfix, refresh=False)
                 if writer:
                     for key, value in terms.items():
                         writer.add_scalar(f"loss/{key}" if key != "lr" else "lr", value, step)

@@ -32,12 +32,18 @@ def learning_rate(config: Config, step: int) -> float:
     return max(0.0, config.lr * (1.0 - (step - half) / half))
 
 
+def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
+
+
 def _adam(params: Iterator[nn.Parameter], config: Config) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
 
 
 class Trainer:
-    """Owns the networks (keyed by their official names) and the optimizers; `step` counts completed steps."""
+    """Owns the networks (keyed by their official names) and the optimizers; `step` counts completed steps and
+    `skipped` the updates left out because their gradients were not finite."""
 
     def __init__(self, config: Config, device: str | torch.device = "cpu", nets: dict[str, nn.Module] | None = None):
         self.config = config
@@ -46,6 +52,7 @@ class Trainer:
         self.opt_G = _adam(itertools.chain(*(self.nets[n].parameters() for n in GENERATORS)), config)
         self.opt_D = _adam(itertools.chain(*(self.nets[n].parameters() for n in DISCRIMINATORS)), config)
         self.step = 0
+        self.skipped = {"D": 0, "G": 0}
 
     def _set_discriminators_trainable(self, trainable: bool) -> None:
         for name in DISCRIMINATORS:
@@ -67,7 +74,7 @@ class Trainer:
         self.opt_D.zero_grad(set_to_none=True)
         d_terms = discriminator_losses(nets, real_A, real_B, fake_A2B.detach(), fake_B2A.detach(), config)
         d_terms["d_loss"].backward()
-        self.opt_D.step()
+        d_ok = self._apply(self.opt_D, "D")
 
         self.opt_G.zero_grad(set_to_none=True)
         self._set_discriminators_trainable(False)
@@ -76,11 +83,29 @@ class Trainer:
             g_terms["g_loss"].backward()
         finally:
             self._set_discriminators_trainable(True)
-        self.opt_G.step()
+        g_ok = self._apply(self.opt_G, "G")
         for name in GENERATORS:
             clip_rho(nets[name])
 
         self.step += 1
         terms = {name: value.detach() for name, value in {**d_terms, **g_terms}.items()}
         values = torch.stack(list(terms.values())).double().tolist()
-        return {"lr": lr, **dict(zip(terms, values))}
+        return {
+            "lr": lr,
+            **dict(zip(terms, values, strict=True)),
+            "skipped_D": float(not d_ok),
+            "skipped_G": float(not g_ok),
+        }
+
+    def _apply(self, optimizer: torch.optim.Optimizer, name: str) -> bool:
+        """Take the optimizer step unless a gradient is inf or NaN, which Adam would turn into NaN weights for good.
+
+        Near-constant images (a collapsed generator output, flat backgrounds at small sizes) give channels of zero
+        variance, and each InstanceNorm backward then multiplies the gradient by 1 / sqrt(eps) ~ 316: through the
+        cycle pass it can overflow. The official code would store NaN weights; we skip that one update and count it.
+        """
+        if _grads_finite(optimizer):
+            optimizer.step()
+            return True
+        self.skipped[name] += 1
+        return False
