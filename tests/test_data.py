@@ -290,28 +290,31 @@ def test_each_epoch_is_a_permutation():
 
 
 @pytest.mark.parametrize("n", [10, 11])
-def test_rank_shards_cover_epoch(n):
-    per_rank = -(-n // 2)
-    shards = [[i for i, _ in islice(EpochSampler(n, seed=0, rank=r, world_size=2), per_rank)] for r in (0, 1)]
-    assert shards[0] == list(EpochSampler(n, seed=0, world_size=2).shard(0))
-    assert set(shards[0]) | set(shards[1]) == set(range(n))
-    if n == 10:
-        assert not set(shards[0]) & set(shards[1])
-    else:  # one slot padded by wrapping: a single duplicate
-        assert len(shards[0] + shards[1]) - len(set(shards[0] + shards[1])) == 1
+def test_ranks_split_the_single_process_stream(n):
+    """2 ranks x batch b see, step by step, exactly the samples of 1 process x batch 2b (indices and seeds)."""
+    single = list(islice(EpochSampler(n, seed=0), 4 * n))
+    ranks = [list(islice(EpochSampler(n, seed=0, rank=r, world_size=2), 2 * n)) for r in (0, 1)]
+    assert [draw for pair in zip(*ranks, strict=True) for draw in pair] == single
+    first_epoch = [i for i, _ in single[:n]]
+    assert sorted(first_epoch) == list(range(n))
 
 
 def test_start_resumes_exactly():
     fresh = list(islice(EpochSampler(7, seed=5, rank=1, world_size=2), 20))
     for k in (0, 3, 4, 9):
-        resumed = EpochSampler(7, seed=5, rank=1, world_size=2, start=k)
+        resumed = EpochSampler(7, seed=5, rank=1, world_size=2, start=2 * k)
         assert list(islice(resumed, 20 - k)) == fresh[k:]
-        assert resumed.state_dict() == {"seed": 5, "position": 19, "rank": 1, "world_size": 2}
+        assert resumed.state_dict() == {"seed": 5, "position": 39, "rank": 1, "world_size": 2}
+
+
+def test_resuming_with_another_world_size_continues_the_global_stream():
+    single = list(islice(EpochSampler(9, seed=2), 30))
+    ranks = [list(islice(EpochSampler(9, seed=2, rank=r, world_size=3, start=6), 8)) for r in range(3)]
+    assert [draw for triple in zip(*ranks, strict=True) for draw in triple] == single[6:30]
 
 
 def test_sample_seeds_unique_63_bit():
-    seeds = [s for _, s in islice(EpochSampler(5, seed=1), 100)]
-    seeds += [s for _, s in islice(EpochSampler(5, seed=1, rank=1, world_size=2), 100)]
+    seeds = [s for _, s in islice(EpochSampler(5, seed=1), 200)]
     assert len(set(seeds)) == 200 and all(0 <= s < 2**63 for s in seeds)
 
 

@@ -11,7 +11,6 @@ Design notes:
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import signal
@@ -320,13 +319,13 @@ def _seed_words(*words: int) -> np.random.SeedSequence:
 class EpochSampler:
     """Infinite stream of ``(index, sample_seed)`` for one rank, a pure function of the position.
 
-    Epoch ``e`` is a permutation of range(n) seeded by (seed, e), padded by wrapping to a multiple
-    of world_size; rank r takes every world_size-th entry from r, i.e. ceil(n / world_size) per
-    epoch. Position p of this rank's stream is entry p % per_rank of epoch p // per_rank, and its
-    sample_seed is derived from (seed, rank, p). To resume, build a new sampler with
-    ``start`` = samples this rank has consumed (step * batch_size): DataLoader prefetching makes
-    ``position`` run ahead of what the trainer has actually used, so never resume from it.
-    Give each domain its own seed, or domains A and B share their shuffling order.
+    All ranks share one global stream of slots: slot s is entry s % n of epoch s // n, a permutation of range(n)
+    seeded by (seed, epoch), and its sample_seed comes from (seed, s). Rank r takes slots
+    start + r, start + r + world_size, ... so at every step the ranks together see exactly the samples (and
+    augmentations) that one process with world_size times the batch would see, and a run resumed with another
+    world size continues the same global stream. ``start`` counts the samples consumed by all ranks together
+    (step * batch_size * world_size); DataLoader prefetching makes ``position`` run ahead of what the trainer used,
+    so never resume from it. Give each domain its own seed, or domains A and B share their shuffling order.
     """
 
     def __init__(
@@ -340,37 +339,33 @@ class EpochSampler:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
         self.start = self.position = start
-        self.per_rank = math.ceil(n / world_size)
         self._epoch: tuple[int, np.ndarray] | None = None
 
-    def shard(self, epoch: int) -> np.ndarray:
-        """This rank's indices for ``epoch``, in order."""
+    def permutation(self, epoch: int) -> np.ndarray:
         if self._epoch is None or self._epoch[0] != epoch:
-            perm = np.random.default_rng(_seed_words(self.seed, 0, epoch)).permutation(self.n)
-            padded = np.concatenate([perm, perm[: self.per_rank * self.world_size - self.n]])
-            self._epoch = (epoch, padded[self.rank :: self.world_size])
+            self._epoch = (epoch, np.random.default_rng(_seed_words(self.seed, 0, epoch)).permutation(self.n))
         return self._epoch[1]
 
-    def at(self, position: int) -> tuple[int, int]:
-        """The ``(index, sample_seed)`` at ``position`` of this rank's stream."""
-        epoch, offset = divmod(position, self.per_rank)
-        state = _seed_words(self.seed, 1, self.rank, position).generate_state(1, np.uint64)[0]
-        return int(self.shard(epoch)[offset]), int(state) & _MASK63
+    def slot(self, draw: int) -> int:
+        """The global slot of this rank's ``draw``-th sample (counted from ``start``)."""
+        return self.start + draw * self.world_size + self.rank
+
+    def at(self, slot: int) -> tuple[int, int]:
+        """The ``(index, sample_seed)`` of a global slot."""
+        epoch, offset = divmod(slot, self.n)
+        state = _seed_words(self.seed, 1, slot).generate_state(1, np.uint64)[0]
+        return int(self.permutation(epoch)[offset]), int(state) & _MASK63
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        self.position = self.start
+        draw = 0
         while True:
+            self.position = self.slot(draw)
             yield self.at(self.position)
-            self.position += 1
+            draw += 1
 
     def state_dict(self) -> dict[str, int]:
         """Informational (position includes prefetched samples); see the class docstring."""
-        return {
-            "seed": self.seed,
-            "position": self.position,
-            "rank": self.rank,
-            "world_size": self.world_size,
-        }
+        return {"seed": self.seed, "position": self.position, "rank": self.rank, "world_size": self.world_size}
 
 
 # ----------------------------------------------------------------------------------------------

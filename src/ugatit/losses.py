@@ -12,13 +12,21 @@ from torch import nn
 
 from .config import Config
 
+# Every loss is computed in fp32, also when the networks ran under bf16 autocast (`.float()` is free in fp32).
+
 
 def lsgan(logit: torch.Tensor, target: float) -> torch.Tensor:
+    logit = logit.float()
     return F.mse_loss(logit, torch.full_like(logit, target))
 
 
 def _bce(logit: torch.Tensor, target: float) -> torch.Tensor:
+    logit = logit.float()
     return F.binary_cross_entropy_with_logits(logit, torch.full_like(logit, target))
+
+
+def _l1(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.l1_loss(output.float(), target.float())
 
 
 # (discriminator, domain it judges); the official code calls them in this order, and so do we: the order in which
@@ -97,8 +105,8 @@ def generator_losses(
         terms[f"G_ad_loss_{name}"] = lsgan(logit, 1.0)
         terms[f"G_ad_cam_loss_{name}"] = lsgan(cam, 1.0)
     for domain in "AB":
-        terms[f"G_recon_loss_{domain}"] = F.l1_loss(recon[domain], real[domain])
-        terms[f"G_identity_loss_{domain}"] = F.l1_loss(identity[domain], real[domain])
+        terms[f"G_recon_loss_{domain}"] = _l1(recon[domain], real[domain])
+        terms[f"G_identity_loss_{domain}"] = _l1(identity[domain], real[domain])
         terms[f"G_cam_loss_{domain}"] = cam_loss[domain]
         terms[f"G_loss_{domain}"] = (
             config.adv_weight * _adversarial_sum(terms, "G", domain)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import Config
 from .norms import ILN, AdaILN, raw_weight, spectral_norm
@@ -30,6 +31,13 @@ def class_activation(
     gmp_logit = gmp_fc(F.adaptive_max_pool2d(x, 1).view(batch, -1))
     gmp = x * gmp_weight[:, :, None, None]
     return torch.cat([gap, gmp], 1), torch.cat([gap_logit, gmp_logit], 1)
+
+
+def _checkpointed(segments: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Run segments one after another, storing only their inputs (segments must not start with an in-place op)."""
+    for segment in segments:
+        x = checkpoint(segment, x, use_reentrant=False)
+    return x
 
 
 class ResnetBlock(nn.Module):
@@ -73,10 +81,13 @@ class ResnetGenerator(nn.Module):
     pools it first and runs at any size that is a multiple of 4.
     """
 
-    def __init__(self, ch: int = 64, n_res: int = 4, img_size: int = 256, light: bool = False):
+    def __init__(
+        self, ch: int = 64, n_res: int = 4, img_size: int = 256, light: bool = False, *, grad_checkpoint: bool = False
+    ):
         super().__init__()
         self.light = light
         self.n_res = n_res
+        self.grad_checkpoint = grad_checkpoint
         dim = ch * 4
         down = [
             nn.ReflectionPad2d(3),
@@ -124,7 +135,11 @@ class ResnetGenerator(nn.Module):
         self.UpBlock2 = nn.Sequential(*up)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.DownBlock(x)
+        checkpointing = self.grad_checkpoint and torch.is_grad_enabled()
+        if checkpointing:  # keep only block boundaries; recompute the insides during backward
+            x = _checkpointed([self.DownBlock[:12], *self.DownBlock[12:]], x)
+        else:
+            x = self.DownBlock(x)
         x, cam_logit = class_activation(x, self.gap_fc, self.gmp_fc, self.gap_fc.weight, self.gmp_fc.weight)
         x = self.relu(self.conv1x1(x))
         heatmap = torch.sum(x, dim=1, keepdim=True)
@@ -133,7 +148,10 @@ class ResnetGenerator(nn.Module):
         style = self.FC(style.reshape(x.shape[0], -1))
         gamma, beta = self.gamma(style), self.beta(style)
         for i in range(self.n_res):
-            x = getattr(self, f"UpBlock1_{i + 1}")(x, gamma, beta)
+            block = getattr(self, f"UpBlock1_{i + 1}")
+            x = checkpoint(block, x, gamma, beta, use_reentrant=False) if checkpointing else block(x, gamma, beta)
+        if checkpointing:
+            return _checkpointed([self.UpBlock2[:5], self.UpBlock2[5:10], self.UpBlock2[10:]], x), cam_logit, heatmap
         return self.UpBlock2(x), cam_logit, heatmap
 
 
@@ -188,7 +206,9 @@ NETWORKS = GENERATORS + DISCRIMINATORS
 
 
 def build_generator(config: Config) -> ResnetGenerator:
-    return ResnetGenerator(config.ch, config.n_res, config.img_size, config.light)
+    return ResnetGenerator(
+        config.ch, config.n_res, config.img_size, config.light, grad_checkpoint=config.grad_checkpoint
+    )
 
 
 def build_networks(config: Config) -> dict[str, nn.Module]:

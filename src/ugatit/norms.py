@@ -84,6 +84,10 @@ class SpectralNorm(nn.Module):
         self.register_buffer("_v", F.normalize(weight.new_empty(cols).normal_(0, 1), dim=0, eps=eps))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(weight.device.type, enabled=False):  # sigma and u, v stay fp32 under autocast
+            return self._normalise(weight)
+
+    def _normalise(self, weight: torch.Tensor) -> torch.Tensor:
         weight_mat = weight.flatten(1)
         if self.training:
             with torch.no_grad():

@@ -1,0 +1,144 @@
+"""Training-step speed and memory: the official update rule, our exact fp32 path and our fast path, side by side.
+
+    python benchmarks/train_step.py --img-size 128 --light            # 2-core CPU target
+    python benchmarks/train_step.py --img-size 256 --light --reps 3
+    python benchmarks/train_step.py --img-size 256 --device cuda      # full mode on a GPU
+
+Timings alternate between the paths inside one process (so machine noise hits them alike) and report the median
+seconds per step. Peak memory is measured per path in a fresh child process (peak RSS on CPU, peak allocated on
+CUDA), so that each figure belongs to one path alone. "official" restates the official loop on the same networks:
+8 generator passes per step, fakes not detached in the D update, discriminator weight gradients in the G update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from ugatit.config import Config
+from ugatit.losses import discriminator_losses, generator_losses
+from ugatit.norms import clip_rho
+from ugatit.trainer import Trainer
+
+PATHS = ("official", "exact", "fast")
+
+
+def official_step(trainer: Trainer, real_A: torch.Tensor, real_B: torch.Tensor) -> None:
+    """The official UGATIT.train() iteration: fakes recomputed in the G update and not detached in the D update."""
+    nets, config = trainer.nets, trainer.config
+    trainer.opt_D.zero_grad()
+    fake_A2B, _, _ = nets["genA2B"](real_A)
+    fake_B2A, _, _ = nets["genB2A"](real_B)
+    discriminator_losses(nets, real_A, real_B, fake_A2B, fake_B2A, config)["d_loss"].backward()
+    trainer.opt_D.step()
+    trainer.opt_G.zero_grad()
+    fake_A2B, cam_A2B, _ = nets["genA2B"](real_A)
+    fake_B2A, cam_B2A, _ = nets["genB2A"](real_B)
+    generator_losses(nets, real_A, real_B, fake_A2B, fake_B2A, cam_A2B, cam_B2A, config)["g_loss"].backward()
+    trainer.opt_G.step()
+    for name in ("genA2B", "genB2A"):
+        clip_rho(nets[name])
+
+
+def make(path: str, args: argparse.Namespace) -> tuple[Trainer, torch.Tensor, torch.Tensor]:
+    config = Config(
+        img_size=args.img_size, ch=args.ch, n_res=args.n_res, light=args.light, batch_size=args.batch_size,
+        precision="fast" if path == "fast" else "exact", compile=args.compile and path == "fast",
+        grad_checkpoint=args.grad_checkpoint and path == "fast",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer = Trainer(config, args.device)
+    shape = (args.batch_size, 3, args.img_size, args.img_size)
+    real_A = torch.rand(shape, device=args.device) * 2 - 1
+    real_B = torch.rand(shape, device=args.device) * 2 - 1
+    return trainer, real_A, real_B
+
+
+def run_step(path: str, trainer: Trainer, real_A: torch.Tensor, real_B: torch.Tensor) -> float:
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    if path == "official":
+        official_step(trainer, real_A, real_B)
+    else:
+        trainer.train_step(real_A, real_B)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peak_memory_child(path: str, args: argparse.Namespace) -> None:
+    """Runs in a fresh process: two steps of one path, then prints its peak memory in bytes."""
+    trainer, real_A, real_B = make(path, args)
+    for _ in range(2):
+        run_step(path, trainer, real_A, real_B)
+    if trainer.device.type == "cuda":
+        print(torch.cuda.max_memory_allocated())
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--img-size", type=int, default=128)
+    parser.add_argument("--ch", type=int, default=64)
+    parser.add_argument("--n-res", type=int, default=4)
+    parser.add_argument("--light", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reps", type=int, default=5, help="timed steps per path (after one warm-up step)")
+    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the fast path")
+    parser.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing on the fast path")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-path peak-memory runs")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        peak_memory_child(args.memory_child, args)
+        return
+
+    paths = args.paths.split(",")
+    setups = {path: make(path, args) for path in paths}
+    times: dict[str, list[float]] = {path: [] for path in paths}
+    warmup = {path: run_step(path, *setups[path]) for path in paths}
+    for path in itertools.chain.from_iterable(itertools.repeat(paths, args.reps)):
+        times[path].append(run_step(path, *setups[path]))
+    del setups
+
+    memory = {}
+    if not args.no_memory:
+        child_args = [a for a in sys.argv[1:]]
+        for path in paths:
+            out = subprocess.run(
+                [sys.executable, __file__, *child_args, "--memory-child", path], capture_output=True, text=True
+            )
+            memory[path] = int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+
+    mode = "light" if args.light else "full"
+    print(f"train step, {args.img_size} px, ch {args.ch}, n_res {args.n_res}, {mode}, batch {args.batch_size}")
+    print(
+        f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
+    if args.device == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name()}")
+    base = statistics.median(times[paths[0]])
+    print(f"{'path':<10}{'median s/step':>15}{'speed-up':>10}{'warm-up s':>11}{'peak memory':>14}")
+    for path in paths:
+        median = statistics.median(times[path])
+        mem = f"{memory[path] / 2**30:.2f} GiB" if memory.get(path) else "-"
+        print(f"{path:<10}{median:>15.3f}{base / median:>9.1f}x{warmup[path]:>11.2f}{mem:>14}")
+    print(json.dumps({"args": vars(args), "median_s": {p: statistics.median(t) for p, t in times.items()},
+                      "peak_bytes": memory}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
