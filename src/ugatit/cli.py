@@ -18,8 +18,12 @@ from . import __version__
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import PRESETS, Config, ConfigError
 from .data import BadImageError, DataError
+from .export import ExportError
 
-USER_ERRORS = (CheckpointError, ConfigError, DataError, BadImageError, FileExistsError, FileNotFoundError)
+# ImportError: an optional extra that is not installed (the message names the pip command).
+USER_ERRORS = (
+    CheckpointError, ConfigError, DataError, BadImageError, ExportError, FileExistsError, FileNotFoundError, ImportError,
+)  # fmt: skip
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
@@ -137,6 +141,21 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     _refuse_existing(out, args.overwrite)
+    if args.format == "onnx":
+        from .export import export_onnx
+
+        direction = "A2B" if args.direction == "both" else args.direction
+        export_onnx(args.checkpoint, out, direction, heatmap=args.heatmap, uint8=args.uint8, opset=args.opset)
+        print(f"wrote {direction} ONNX model to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+        return
+    if args.format == "pretrained":
+        from .hub import save_pretrained
+
+        save_pretrained(
+            args.checkpoint, out, None if args.direction == "both" else args.direction, overwrite=args.overwrite
+        )
+        print(f"wrote a Hub-style model folder to {out}")
+        return
     if args.generator_only:
         names = GENERATORS if args.direction == "both" else (f"gen{args.direction}",)
     else:
@@ -147,15 +166,15 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
-    from .inference import Translator, translate_files
-    from .train import resolve_device
+    from .export import load_translator
+    from .inference import translate_files
 
-    translator = Translator.from_checkpoint(args.checkpoint, args.direction, device=resolve_device(args.device))
+    translator = load_translator(args.checkpoint, args.direction, backend=args.backend, device=args.device)
     outputs = translate_files(
         translator, args.inputs, args.out, batch_size=args.batch_size, heatmap=args.heatmap,
         original_size=args.original_size, overwrite=args.overwrite, progress=not args.no_progress,
     )  # fmt: skip
-    print(f"translated {len(outputs)} image(s) {args.direction} into {args.out}")
+    print(f"translated {len(outputs)} image(s) {translator.direction} into {args.out}")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -209,23 +228,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("translate", help="translate images with a trained model")
-    p.add_argument("checkpoint", help="checkpoint folder, model file, or generator-only file")
+    p.add_argument("checkpoint", help="checkpoint folder, model file, Hub-style folder, or .onnx file")
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or glob patterns")
     p.add_argument("--out", required=True, help="output folder; one PNG per input, named after it")
-    p.add_argument("--direction", default="A2B", choices=["A2B", "B2A"])
+    p.add_argument("--direction", choices=["A2B", "B2A"], help="default: A2B, or the direction of an .onnx file")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--heatmap", action="store_true", help="also write the attention heatmap over each input")
     p.add_argument("--original-size", action="store_true", help="return results at each input's own size")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--backend", default="torch", choices=["torch", "onnxruntime"], help="onnxruntime needs ugatit[onnx]"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_translate)
 
-    p = sub.add_parser("export", help="write a smaller model file from a checkpoint")
+    p = sub.add_parser("export", help="write a model file for inference or deployment from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint folder or .safetensors file")
-    p.add_argument("--out", required=True, help="file to write (.safetensors)")
-    p.add_argument("--generator-only", action="store_true", help="only the generator(s): an inference-only file")
-    p.add_argument("--direction", default="both", choices=["A2B", "B2A", "both"], help="with --generator-only")
+    p.add_argument("--out", required=True, help="file (or folder, for --format pretrained) to write")
+    p.add_argument(
+        "--format", default="safetensors", choices=["safetensors", "onnx", "pretrained"],
+        help="safetensors (ours), onnx (one direction, needs ugatit[onnx]), pretrained (Hub-style folder)",
+    )  # fmt: skip
+    p.add_argument("--generator-only", action="store_true", help="safetensors: only the generator(s)")
+    p.add_argument("--direction", default="both", choices=["A2B", "B2A", "both"], help="which generator(s)")
+    p.add_argument("--heatmap", action="store_true", help="onnx: add the attention heatmap as a second output")
+    p.add_argument("--uint8", action="store_true", help="onnx: uint8 RGB in and out instead of floats in [-1, 1]")
+    p.add_argument("--opset", type=int, default=None, help="onnx: opset version (default 17)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)
     return parser

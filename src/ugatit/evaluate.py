@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, load_model
 from .data import DataError, eval_transform, list_images, load_rgb
 from .inception import FEATURE_DIM, WEIGHTS_NAME, InceptionFeatures
 from .inference import DIRECTIONS, Translator, generator_name, translate_files
@@ -52,7 +52,7 @@ class KIDSettings:
     max_block_size: int = 10
 
 
-def load_inception(weights: Weights = None) -> InceptionFeatures:
+def inception_model(weights: Weights = None) -> InceptionFeatures:
     """`weights` as a loaded model (reused as is), a weight file, or None for the standard file (see find_weights)."""
     return weights if isinstance(weights, InceptionFeatures) else InceptionFeatures(weights)
 
@@ -222,7 +222,7 @@ def evaluate_folders(
     the images in `fake_dir` against those in `real_dir`; every image below each folder is used."""
     fake, real = _images_in(fake_dir), _images_in(real_dir)
     source = _images_in(source_dir) if source_dir is not None else None
-    model = load_inception(weights)
+    model = inception_model(weights)
     features_of = _feature_cache(model, batch_size, progress, device)
     return {
         "fake_dir": str(fake_dir),
@@ -262,6 +262,7 @@ def evaluate_checkpoint(
         generator_name(name)
     if real_split not in REAL_SPLITS:
         raise ValueError(f"real_split={real_split!r} must be one of: {', '.join(REAL_SPLITS)}")
+    config, _ = load_model(checkpoint, [])  # only the config: a bad checkpoint fails before anything slow
     root = Path(data_root)
     plan = {}
     for name in directions:  # every folder is checked before anything slow happens
@@ -270,19 +271,17 @@ def evaluate_checkpoint(
         if fake_dir is not None:
             _require_empty(fake_dir)
         plan[name] = (source_dir, _images_in(source_dir), real_dir, _images_in(real_dir), fake_dir)
-    model = load_inception(weights)
+    model = inception_model(weights)
     features_of = _feature_cache(model, batch_size, progress, device)
     results: dict[str, Any] = {}
-    config = None
     with tempfile.TemporaryDirectory(prefix="ugatit-eval-") as tmp:
         for name, (source_dir, sources, real_dir, reals, fake_dir) in plan.items():
-            fake_dir = fake_dir or Path(tmp) / name
             translator = Translator.from_checkpoint(checkpoint, name, device=device, batch_size=batch_size)
-            config = translator.config
-            fakes = translate_files(translator, sources, fake_dir, batch_size=batch_size, progress=progress)
+            folder = fake_dir or Path(tmp) / name
+            fakes = translate_files(translator, sources, folder, batch_size=batch_size, progress=progress)
             del translator  # a full generator is 1 GiB; the next direction builds its own
             results[name] = {
-                "fake_dir": str(fake_dir) if out_dir is not None else None,
+                "fake_dir": None if fake_dir is None else str(fake_dir),
                 "real_dir": str(real_dir),
                 "source_dir": str(source_dir),
                 **_evaluate_files(fakes, reals, sources, model, settings, features_of),
@@ -373,7 +372,7 @@ class KIDTracker:
             raise ValueError(f"n_images={n_images} must be at least 2")
         root = Path(data_root)
         self.paths = {domain: _images_in(root / f"test{domain}")[:n_images] for domain in "AB"}
-        self.model = load_inception(weights)
+        self.model = inception_model(weights)
         self.batch_size = batch_size
         self._real: dict[str, np.ndarray] = {}
         self._inputs: dict[tuple[int, bool, str], torch.Tensor] = {}

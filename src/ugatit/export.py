@@ -61,7 +61,12 @@ _EXPORT_NOISE = (
     r"You are using the legacy TorchScript-based ONNX export",  # chosen on purpose, see the module docstring
     r"Constant folding - Only steps=1",  # slices with a step of -1 in the reflection pads; they run fine
     r"ONNX export mode is set to TrainingMode.EVAL, but operator 'instance_norm'",  # no running stats: right as is
+    r"Converting a tensor to a Python boolean",  # PyTorch's own input-size checks in instance_norm, not the graph
 )
+
+
+class ExportError(ValueError):
+    """An export or ONNX file that cannot do what was asked; the message says why and what to do instead."""
 
 
 def _require(module: str) -> ModuleType:
@@ -136,6 +141,7 @@ def _export_graph(model: nn.Module, example: torch.Tensor, path: Path, light: bo
     with warnings.catch_warnings():
         for message in _EXPORT_NOISE:
             warnings.filterwarnings("ignore", message=message)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")  # same choice
         torch.onnx.export(
             model, (example,), path, dynamo=False, opset_version=opset, input_names=[INPUT], output_names=outputs,
             dynamic_axes=axes,
@@ -162,16 +168,16 @@ def export_onnx(
     if isinstance(checkpoint_or_translator, Translator):
         translator = checkpoint_or_translator
         if direction not in (None, translator.direction):
-            raise ValueError(f"direction={direction!r}, but the translator translates {translator.direction}")
+            raise ExportError(f"direction={direction!r}, but the translator translates {translator.direction}")
     else:
         translator = Translator.from_checkpoint(checkpoint_or_translator, direction or "A2B")
     opset = opset or (DYNAMO_OPSET if dynamo else LEGACY_OPSET)
     if dynamo and opset < DYNAMO_OPSET:
-        raise ValueError(f"opset={opset}: the dynamo exporter writes opset {DYNAMO_OPSET} or later")
+        raise ExportError(f"opset={opset}: the dynamo exporter writes opset {DYNAMO_OPSET} or later")
     config, generator = translator.config, translator.generator
     weight_bytes = sum(p.numel() * p.element_size() for p in generator.parameters())
     if weight_bytes > MAX_ONNX_BYTES:
-        raise ValueError(
+        raise ExportError(
             f"the generator holds {weight_bytes / 2**30:.1f} GiB of weights, more than one ONNX file can hold (2 GiB); "
             "full-mode generators grow with img_size squared: export a light model, or a smaller img_size"
         )
@@ -195,13 +201,16 @@ def export_onnx(
 
 
 def _providers(device: str | torch.device, available: Sequence[str]) -> list[str | tuple[str, dict[str, Any]]]:
+    """ONNX Runtime providers for `device`: 'cpu', 'cuda' / 'cuda:N', or 'auto' (CUDA when this onnxruntime has it)."""
+    if device == "auto":
+        device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
     device = torch.device(device)
     if device.type == "cpu":
         return ["CPUExecutionProvider"]
     if device.type != "cuda":
-        raise ValueError(f"device={str(device)!r}: the onnxruntime backend runs on 'cpu' or 'cuda'")
+        raise ExportError(f"device={str(device)!r}: the onnxruntime backend runs on 'cpu' or 'cuda'")
     if "CUDAExecutionProvider" not in available:
-        raise ValueError(
+        raise ExportError(
             "device 'cuda' was asked for, but this onnxruntime has no CUDA provider (install onnxruntime-gpu); "
             "use device='cpu'"
         )
@@ -222,7 +231,7 @@ class OnnxTranslator:
         self.source = source
         self.metadata: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
         if self.metadata.get("format") != FORMAT or "config" not in self.metadata:
-            raise ValueError(f"{source}: not a ugatit ONNX export (no ugatit metadata); export it with export_onnx")
+            raise ExportError(f"{source}: not a ugatit ONNX export (no ugatit metadata); export it with export_onnx")
         self.config = Config.from_dict(json.loads(self.metadata["config"]))
         self.direction = self.metadata["direction"]
         self.batch_size = batch_size
@@ -233,14 +242,15 @@ class OnnxTranslator:
     def from_file(
         cls, path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 8
     ) -> OnnxTranslator:
-        """Open a file written by `export_onnx`; `device` 'cuda' needs onnxruntime-gpu."""
+        """Open a file written by `export_onnx`; `device` 'cpu', 'cuda' (needs onnxruntime-gpu) or 'auto'."""
         ort = _require("onnxruntime")
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such ONNX file")
-        session = ort.InferenceSession(str(path), providers=_providers(device, ort.get_available_providers()))
-        if torch.device(device).type == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
-            raise ValueError(f"{path}: onnxruntime could not start its CUDA provider here; use device='cpu'")
+        providers = _providers(device, ort.get_available_providers())
+        session = ort.InferenceSession(str(path), providers=providers)
+        if providers[0] != "CPUExecutionProvider" and session.get_providers()[0] != "CUDAExecutionProvider":
+            raise ExportError(f"{path}: onnxruntime could not start its CUDA provider here; use device='cpu'")
         return cls(session, batch_size, str(path))
 
     @property
@@ -252,23 +262,23 @@ class OnnxTranslator:
     def check_input(self, shape: Sequence[int]) -> None:
         """Refuse a batch shape the graph cannot take, with the reason and the sizes it can."""
         if len(shape) != 4 or shape[1] != 3:
-            raise ValueError(f"{self.source}: expects N x 3 x H x W RGB batches, got shape {tuple(shape)}")
+            raise ExportError(f"{self.source}: expects N x 3 x H x W RGB batches, got shape {tuple(shape)}")
         height, width = shape[2], shape[3]
         size = self.config.img_size
         if not self.config.light and (height, width) != (size, size):
-            raise ValueError(
+            raise ExportError(
                 f"{self.source}: a full-mode model only takes {size}x{size} images (its MLP reads the whole "
                 f"bottleneck), got {height}x{width}; resize the input, or export a light model for other sizes"
             )
         if height % 4 or width % 4 or min(height, width) < 8:
-            raise ValueError(
+            raise ExportError(
                 f"{self.source}: height and width must be multiples of 4 and at least 8, got {height}x{width}"
             )
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """One batch through the graph: (images, raw heatmaps or None), in the file's value convention."""
         if self.uint8 and x.dtype != np.uint8:
-            raise ValueError(f"{self.source}: this export takes uint8 input in [0, 255], got {x.dtype}")
+            raise ExportError(f"{self.source}: this export takes uint8 input in [0, 255], got {x.dtype}")
         x = np.ascontiguousarray(x, dtype=np.uint8 if self.uint8 else np.float32)
         self.check_input(x.shape)
         outputs = self.session.run([IMAGE, HEATMAP] if self.has_heatmap else [IMAGE], {INPUT: x})
@@ -287,7 +297,7 @@ class OnnxTranslator:
     ) -> tuple[Image.Image, Image.Image] | list[tuple[Image.Image, Image.Image]]:
         """As `Translator.translate_with_heatmap`; needs a file exported with `heatmap=True`."""
         if not self.has_heatmap:
-            raise ValueError(f"{self.source} has no heatmap output; export it again with heatmap=True")
+            raise ExportError(f"{self.source} has no heatmap output; export it again with heatmap=True")
         if isinstance(images, Image.Image):
             return self._translate([images], original_size, True, batch_size)[0]
         return self._translate(list(images), original_size, True, batch_size)
@@ -304,11 +314,7 @@ class OnnxTranslator:
             array = np.rint((inputs.numpy() + 1) * 127.5).astype(np.uint8) if self.uint8 else inputs.numpy()
             outputs, heatmaps = self.run(array)
             for i, img in enumerate(chunk):
-                out = (
-                    Image.fromarray(outputs[i].transpose(1, 2, 0))
-                    if self.uint8
-                    else to_image(torch.from_numpy(outputs[i]))
-                )
+                out = self._to_image(outputs[i])
                 overlay = overlay_heatmap(inputs[i], torch.from_numpy(heatmaps[i])) if heatmap else None
                 if original_size:
                     out = _resize_to(out, img.size)
@@ -319,6 +325,10 @@ class OnnxTranslator:
     def _transform(self, image: Image.Image) -> torch.Tensor:
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         return eval_transform(rgb, self.config.img_size, self.config.keep_aspect)
+
+    def _to_image(self, output: np.ndarray) -> Image.Image:
+        """One 3 x H x W graph output as an 8-bit image (uint8 graphs already rounded like data.to_image)."""
+        return Image.fromarray(output.transpose(1, 2, 0)) if self.uint8 else to_image(torch.from_numpy(output))
 
 
 def _file_digest(path: Path) -> str:
@@ -339,23 +349,26 @@ def load_translator(
 ) -> Translator | OnnxTranslator:
     """A translator for a checkpoint (file or folder) or an `.onnx` file, on the `torch` or `onnxruntime` backend.
 
+    `device` is 'cpu', 'cuda' ('cuda:N') or 'auto': the GPU when the backend can use one here.
     `direction` defaults to "A2B" for checkpoints and to the file's own for ONNX files (where a different one is an
     error: an ONNX file holds one generator). With backend onnxruntime a checkpoint is exported on the fly, with the
     heatmap output; into a temporary file by default, or into `cache_dir`, keyed by the checkpoint's contents, the
     direction and the ugatit and torch versions, so that later calls skip the export.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} must be one of: {', '.join(BACKENDS)}")
+        raise ExportError(f"backend={backend!r} must be one of: {', '.join(BACKENDS)}")
     path = Path(path)
     if path.suffix == ".onnx":
         if backend != "onnxruntime":
-            raise ValueError(f"{path} is an ONNX file: use backend='onnxruntime'")
+            raise ExportError(f"{path} is an ONNX file: use backend='onnxruntime'")
         translator = OnnxTranslator.from_file(path, device, batch_size)
         if direction not in (None, translator.direction):
-            raise ValueError(f"{path} translates {translator.direction}, not {direction}")
+            raise ExportError(f"{path} translates {translator.direction}, not {direction}")
         return translator
     direction = direction or "A2B"
     if backend == "torch":
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         return Translator.from_checkpoint(path, direction, device, batch_size)
     if cache_dir is None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -16,6 +16,7 @@ which a file written by an old PyTorch may lack; they do nothing in eval mode an
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.error
@@ -316,10 +317,13 @@ def find_weights(path: str | os.PathLike | None = None, download: bool | None = 
     if download is None:
         download = not _download_disabled()
     if not download:
-        raise WeightsNotFoundError(f"Inception weights not found and downloading is disabled: {_how_to_get(target)}")
+        why = f" (${NO_DOWNLOAD_ENV} is set)" if _download_disabled() else ""
+        raise WeightsNotFoundError(
+            f"Inception weights not found and downloading is disabled{why}: {_how_to_get(target)}"
+        )
     try:
         return download_weights(target)
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # offline, refused, cut short
         message = f"Inception weights not found and the download failed ({exc}): {_how_to_get(target)}"
         raise WeightsNotFoundError(message) from None
 

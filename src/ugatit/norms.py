@@ -84,8 +84,11 @@ class SpectralNorm(nn.Module):
         self.register_buffer("_v", F.normalize(weight.new_empty(cols).normal_(0, 1), dim=0, eps=eps))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(weight.device.type, enabled=False):  # sigma and u, v stay fp32 under autocast
-            return self._normalise(weight)
+        device = weight.device.type
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):  # sigma and u, v stay fp32
+            with torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=False):
+                return self._normalise(weight)
+        return self._normalise(weight)
 
     def _normalise(self, weight: torch.Tensor) -> torch.Tensor:
         weight_mat = weight.flatten(1)

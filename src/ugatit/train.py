@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import MODEL_FILE, CheckpointError, atomic_write, fsync_dir, load_model, save_model
 from .config import Config
 from .data import DataError, eval_transform, format_report, infinite_batches, load_rgb, scan_dataset
@@ -96,7 +97,7 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(trainer: Trainer, run_dir: str | Path, data_state: dict[str, Any]) -> Path:
+def save_checkpoint(trainer: Trainer, run_dir: str | Path, extra: dict[str, Any]) -> Path:
     """Write `checkpoints/step_N` atomically: into a temporary folder, fsynced, then renamed into place."""
     folder = Path(run_dir) / "checkpoints"
     final = folder / f"{CHECKPOINT_PREFIX}{trainer.step:07d}"
@@ -112,8 +113,7 @@ def save_checkpoint(trainer: Trainer, run_dir: str | Path, data_state: dict[str,
             "step": trainer.step,
             "opt_G": trainer.opt_G.state_dict(),
             "opt_D": trainer.opt_D.state_dict(),
-            "rng": _rng_state(trainer.device),
-            "data": data_state,
+            **extra,
         }
         with open(tmp / STATE_FILE, "wb") as f:
             torch.save(state, f)
@@ -127,8 +127,8 @@ def save_checkpoint(trainer: Trainer, run_dir: str | Path, data_state: dict[str,
     return final
 
 
-def load_checkpoint(trainer: Trainer, checkpoint: str | Path) -> dict[str, Any]:
-    """Restore networks, optimizers, step and RNG states; returns the saved data state."""
+def load_checkpoint(trainer: Trainer, checkpoint: str | Path, rank: int = 0) -> dict[str, Any]:
+    """Restore networks, optimizers, step and this rank's RNG states; returns the saved training state."""
     checkpoint = Path(checkpoint)
     _, states = load_model(checkpoint, NETWORKS)
     try:
@@ -140,8 +140,8 @@ def load_checkpoint(trainer: Trainer, checkpoint: str | Path) -> dict[str, Any]:
     trainer.opt_G.load_state_dict(state["opt_G"])
     trainer.opt_D.load_state_dict(state["opt_D"])
     trainer.step = state["step"]
-    _set_rng_state(state["rng"], trainer.device)
-    return state["data"]
+    _set_rng_state(state["rng"][rank % len(state["rng"])], trainer.device)
+    return state
 
 
 def _prune_checkpoints(run_dir: Path, keep_last: int) -> None:
@@ -275,13 +275,26 @@ def _tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _domain_batches(config: Config, paths: list, seed: int, consumed: int, device: torch.device, name: str) -> Iterator:
+def _domain_batches(
+    config: Config, paths: list, seed: int, consumed: int, device: torch.device, name: str, info: distributed.Dist
+) -> Iterator:
     cache = {"auto": "auto", "yes": True, "no": False}[config.cache_images]
     return infinite_batches(
         paths, config.img_size, config.batch_size, seed, config.num_workers,
         augment=config.augment, keep_aspect=config.keep_aspect, cache=cache, start=consumed,
-        pin_memory=device.type == "cuda", name=name,
+        rank=info.rank, world_size=info.world_size, pin_memory=device.type == "cuda", name=name,
     )  # fmt: skip
+
+
+def _scan(data_root: Path, config: Config, skip_bad_images: bool, echo: Callable[[str], None]) -> dict:
+    reports = scan_dataset(data_root, min_size=max(8, config.img_size // 2))
+    bad = {name: r for name, r in reports.items() if r.bad}
+    if bad and not skip_bad_images:
+        raise DataError(f"{data_root} has unusable images; fix or remove them, or pass --skip-bad-images:\n"
+                        + format_report(bad))  # fmt: skip
+    if bad:
+        echo("skipping unusable images:\n" + format_report(bad))
+    return reports
 
 
 def train(
@@ -300,53 +313,95 @@ def train(
 
     `until` stops earlier, after that step, with a checkpoint. The run resumes from its latest checkpoint when
     `run_dir` holds one with a compatible config (see `run_config`); `overwrite` deletes it and starts again.
+    Started by torchrun, every process trains on its own share of the data with DistributedDataParallel, and
+    only rank 0 writes checkpoints, samples and logs.
     """
     data_root, run_dir = Path(data_root), Path(run_dir)
-    dev = resolve_device(device)
+    info, dev = distributed.setup(resolve_device(device))
+    try:
+        return _train(config, data_root, run_dir, info, dev, overwrite, skip_bad_images, until, progress, echo)
+    finally:
+        distributed.teardown(info)
+
+
+def _train(
+    config: Config,
+    data_root: Path,
+    run_dir: Path,
+    info: distributed.Dist,
+    dev: torch.device,
+    overwrite: bool,
+    skip_bad_images: bool,
+    until: int | None,
+    progress: bool,
+    echo: Callable[[str], None],
+) -> Trainer:
+    main = info.is_main
+    echo = echo if main else (lambda message: None)
+    distributed.check_same_config(info, config)
     checkpoints = list_checkpoints(run_dir)
     if checkpoints and not overwrite:
         config = run_config(run_dir, {f.name: getattr(config, f.name) for f in fields(config)})
     elif overwrite:
-        _clear_run(run_dir)
+        if main:
+            _clear_run(run_dir)
+        distributed.barrier(info)
         checkpoints = []
 
-    reports = scan_dataset(data_root, min_size=max(8, config.img_size // 2))
-    bad = {name: r for name, r in reports.items() if r.bad}
-    if bad and not skip_bad_images:
-        raise DataError(f"{data_root} has unusable images; fix or remove them, or pass --skip-bad-images:\n"
-                        + format_report(bad))  # fmt: skip
-    if bad:
-        echo("skipping unusable images:\n" + format_report(bad))
+    # Rank 0 decodes every image once; the others take its verdict (and its error, so that no rank hangs).
+    scanned = None
+    if main:
+        try:
+            scanned = (_scan(data_root, config, skip_bad_images, echo), None)
+        except DataError as exc:
+            scanned = (None, exc)
+    reports, error = distributed.broadcast(info, scanned)
+    if error is not None:
+        raise error
 
     torch.manual_seed(config.seed)
-    trainer = Trainer(config, dev)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / "config.json", config.to_dict())
+    trainer = Trainer(config, dev, distributed=info.enabled)
     samples_file = run_dir / "samples.json"
     if checkpoints and samples_file.is_file():
         sample_names = json.loads(samples_file.read_text())
     else:
         sample_names = _choose_samples(reports, data_root, config.seed)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / "config.json", config.to_dict())
         _write_json(samples_file, sample_names)
-    if checkpoints:
-        step, path = checkpoints[-1]
-        load_checkpoint(trainer, path)
-        _truncate_log(run_dir / "log.jsonl", trainer.step)
-        echo(f"resuming {run_dir} from step {trainer.step}")
-
-    consumed = trainer.step * config.batch_size
     seeds = {"A": 2 * config.seed, "B": 2 * config.seed + 1}
-    batches = {
-        d: _domain_batches(config, reports[f"train{d}"].good, seeds[d], consumed, dev, f"train{d}") for d in "AB"
-    }
-    samples = {d: _sample_batch(data_root, sample_names[d], config) for d in "AB"}
-    last = min(config.iterations, until) if until is not None else config.iterations
-    writer = _tensorboard(run_dir)
+    per_step = config.batch_size * info.world_size  # samples of each domain consumed per step, all ranks together
+    start_step, start_consumed = 0, 0
+    if checkpoints:
+        saved = load_checkpoint(trainer, checkpoints[-1][1], info.rank)
+        start_step, start_consumed = trainer.step, saved["data"]["A"]["consumed"]
+        if main:
+            _truncate_log(run_dir / "log.jsonl", trainer.step)
+        echo(f"resuming {run_dir} from step {trainer.step}")
+        if saved["world_size"] != info.world_size:
+            echo(
+                f"this run was saved with {saved['world_size']} process(es) and resumes on {info.world_size}: the "
+                f"sample stream continues at sample {start_consumed}, now shared by {info.world_size} rank(s); "
+                f"the effective batch changes from {saved['world_size'] * config.batch_size} to {per_step}"
+            )
+    if info.enabled:
+        echo(f"{info.world_size} processes x batch {config.batch_size} = effective batch {per_step}")
 
-    def data_state() -> dict[str, Any]:
-        return {d: {"seed": seeds[d], "consumed": trainer.step * config.batch_size} for d in "AB"}
+    def consumed() -> int:
+        return start_consumed + (trainer.step - start_step) * per_step
+
+    batches = {
+        d: _domain_batches(config, reports[f"train{d}"].good, seeds[d], consumed(), dev, f"train{d}", info)
+        for d in "AB"
+    }
+    samples = {d: _sample_batch(data_root, sample_names[d], config) for d in "AB"} if main else {}
+    last = min(config.iterations, until) if until is not None else config.iterations
+    writer = _tensorboard(run_dir) if main else None
 
     def write_samples() -> None:
+        if not main:
+            return
         grids = sample_grids(trainer, samples["A"], samples["B"])
         for name, grid in grids.items():
             save_image(grid, run_dir / "samples" / f"{name}_{trainer.step:07d}.png")
@@ -359,13 +414,18 @@ def train(
                         writer.add_histogram(f"rho/{gen}.{module_name}", module.rho.detach().cpu(), trainer.step)
 
     def checkpoint() -> None:
-        save_checkpoint(trainer, run_dir, data_state())
-        _prune_checkpoints(run_dir, config.keep_last)
+        rng = distributed.gather(info, _rng_state(trainer.device))
+        if main:
+            data = {d: {"seed": seeds[d], "consumed": consumed()} for d in "AB"}
+            save_checkpoint(trainer, run_dir, {"data": data, "rng": rng, "world_size": info.world_size})
+            _prune_checkpoints(run_dir, config.keep_last)
+        distributed.barrier(info)
 
-    bar = tqdm(total=last, initial=trainer.step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=last, initial=trainer.step, disable=not (progress and main), unit="step", dynamic_ncols=True)
     started = time.time()
-    with open(run_dir / "log.jsonl", "a") as log, _StopRequest() as stop:
-        while trainer.step < last and not stop.requested:
+    log_path = run_dir / "log.jsonl"
+    with open(log_path, "a") if main else open(os.devnull, "w") as log, _StopRequest() as stop:
+        while trainer.step < last and not distributed.any_rank(info, stop.requested, dev):
             try:
                 real_A, real_B = next(batches["A"]), next(batches["B"])
             except RuntimeError:
@@ -376,8 +436,8 @@ def train(
             bar.update(1)
             step = trainer.step
             if step % config.log_every == 0 or step == last:
-                entry = {"step": step, "time": round(time.time() - started, 3), **terms}
-                log.write(json.dumps(entry) + "\n")
+                terms = distributed.mean_over_ranks(info, terms, dev)
+                log.write(json.dumps({"step": step, "time": round(time.time() - started, 3), **terms}) + "\n")
                 log.flush()
                 postfix = {"d_loss": f"{terms['d_loss']:.3f}", "g_loss": f"{terms['g_loss']:.1f}"}
                 if any(trainer.skipped.values()):
@@ -391,7 +451,7 @@ def train(
             if step % config.save_every == 0:
                 checkpoint()
         bar.close()
-        if trainer.step > 0:
+        if trainer.step > start_step:
             if trainer.step == last and trainer.step % config.sample_every != 0:
                 write_samples()
             checkpoint()

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .config import Config
 from .losses import discriminator_losses, generator_losses
@@ -48,7 +49,13 @@ class Trainer:
     """Owns the networks (keyed by their official names) and the optimizers; `step` counts completed steps and
     `skipped` the updates left out because their gradients were not finite."""
 
-    def __init__(self, config: Config, device: str | torch.device = "cpu", nets: dict[str, nn.Module] | None = None):
+    def __init__(
+        self,
+        config: Config,
+        device: str | torch.device = "cpu",
+        nets: dict[str, nn.Module] | None = None,
+        distributed: bool = False,
+    ):
         self.config = config
         self.device = torch.device(device)
         self.fast = config.precision == "fast"
@@ -65,6 +72,13 @@ class Trainer:
         if config.compile:
             for net in self.nets.values():
                 net.compile()
+        # Under torchrun each network gets its own DDP wrapper. Buffers (the spectral-norm u, v) are not
+        # broadcast: the weights stay identical on every rank, so the power iterations do too.
+        self.wrapped: dict[str, nn.Module] = (
+            {name: DistributedDataParallel(net, broadcast_buffers=False) for name, net in self.nets.items()}
+            if distributed
+            else self.nets
+        )
 
     def autocast(self) -> torch.autocast:
         """bf16 autocast on the fast path (AMX on recent x86 CPUs, tensor cores on GPUs); a no-op when exact.
@@ -85,11 +99,16 @@ class Trainer:
         real_A = real_A.to(self.device, non_blocking=True, memory_format=self.memory_format)
         real_B = real_B.to(self.device, non_blocking=True, memory_format=self.memory_format)
 
+        # Under DDP: the two shared translations run on the bare generators (a D update must not arm the
+        # generators' gradient reduction), the D update on the wrapped discriminators, and the G update on the
+        # wrapped generators with bare discriminators (no discriminator all-reduce in the G update).
+        d_nets = {**nets, **{name: self.wrapped[name] for name in DISCRIMINATORS}}
+        g_nets = {**nets, **{name: self.wrapped[name] for name in GENERATORS}}
         with self.autocast():
             fake_A2B, cam_A2B, _ = nets["genA2B"](real_A)
             fake_B2A, cam_B2A, _ = nets["genB2A"](real_B)
             self.opt_D.zero_grad(set_to_none=True)
-            d_terms = discriminator_losses(nets, real_A, real_B, fake_A2B.detach(), fake_B2A.detach(), config)
+            d_terms = discriminator_losses(d_nets, real_A, real_B, fake_A2B.detach(), fake_B2A.detach(), config)
         d_terms["d_loss"].backward()
         d_ok = self._apply(self.opt_D, "D")
 
@@ -97,7 +116,7 @@ class Trainer:
         self._set_discriminators_trainable(False)
         try:
             with self.autocast():
-                g_terms = generator_losses(nets, real_A, real_B, fake_A2B, fake_B2A, cam_A2B, cam_B2A, config)
+                g_terms = generator_losses(g_nets, real_A, real_B, fake_A2B, fake_B2A, cam_A2B, cam_B2A, config)
             g_terms["g_loss"].backward()
         finally:
             self._set_discriminators_trainable(True)
