@@ -95,6 +95,15 @@ def _per_plane(t: torch.Tensor, layout: str) -> list[torch.Tensor]:
     return [t.reshape(-1)] if layout == "nchw" else list(t.unbind(0))
 
 
+# Other devices get a device-generic formulation (plain reductions and broadcast ops, statistics in fp32); the CPU
+# path below builds on ATen's vectorised CPU normalisation kernels. Tests set this to run the generic path on CPU.
+_GENERIC_ON_CPU = False
+
+
+def _generic(x: torch.Tensor) -> bool:
+    return _GENERIC_ON_CPU or x.device.type != "cpu"
+
+
 def _stats(x: torch.Tensor, layout: str, eps: float):
     """Per-(b,c) mean and sd = sqrt(biased var + eps), both (B, C) in fp32 (fp64 for fp64 inputs).
 
@@ -102,6 +111,9 @@ def _stats(x: torch.Tensor, layout: str, eps: float):
     computes them anyway, and faster than batch norm computes statistics alone), else None.
     """
     b, c, h, w = x.shape
+    if _generic(x):
+        var, mean = torch.var_mean(x.to(_stat_dtype(x)), dim=(2, 3), correction=0)
+        return mean, var.add_(eps).sqrt_(), None
     if layout == "nchw" and x.dtype not in _REDUCED:
         y, mean, rstd = torch.native_group_norm(x, None, None, b, c, h * w, c, eps)
         return mean.view(b, c), rstd.view(b, c).reciprocal(), y
@@ -123,11 +135,8 @@ def _affine(x: torch.Tensor, layout: str, scale: torch.Tensor, shift: torch.Tens
     `out=x` applies it in place (an element-wise map, so the aliasing is safe).
     """
     b, c, h, w = x.shape
-    if x.device.type != "cpu":
-        s4, t4 = scale.reshape(b, c, 1, 1), shift.reshape(b, c, 1, 1)
-        if out is not None:
-            return out.copy_(torch.addcmul(t4, x, s4))
-        return torch.addcmul(t4, x, s4).to(x.dtype)
+    if _generic(x):  # (never in place: the generic _stats returns no planes)
+        return torch.addcmul(shift.reshape(-1, c, 1, 1), x.to(scale.dtype), scale.reshape(-1, c, 1, 1)).to(x.dtype)
     if out is None:
         out = torch.empty_like(x, memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
     scale = scale.expand(b, c).contiguous()
@@ -148,7 +157,7 @@ def _affine(x: torch.Tensor, layout: str, scale: torch.Tensor, shift: torch.Tens
 def _grad_sums(g: torch.Tensor, x: torch.Tensor, layout: str, mean: torch.Tensor):
     """Per-(b,c) sums of g * (x - mean) and of g, (B, C) in mean's dtype, in one pass over (g, x)."""
     b, c = mean.shape
-    if x.device.type != "cpu":
+    if _generic(x):
         sg = g.sum(dim=(2, 3), dtype=mean.dtype)
         return (g.to(mean.dtype) * (x.to(mean.dtype) - mean.view(b, c, 1, 1))).sum(dim=(2, 3)), sg
     ones = mean.new_ones(b * c if layout == "nchw" else c)
@@ -168,7 +177,7 @@ def _grad_sums(g: torch.Tensor, x: torch.Tensor, layout: str, mean: torch.Tensor
 def _grad_input(g, x, layout, mean, a, c1, c0) -> torch.Tensor:
     """a * g + c1 * (x - mean) + c0 with (B, C) coefficients, in x's dtype: two element-wise passes."""
     b, c = mean.shape
-    if x.device.type != "cpu":
+    if _generic(x):
         s = mean.dtype
         out = torch.addcmul((c0 - c1 * mean).view(b, c, 1, 1), x.to(s), c1.view(b, c, 1, 1))
         return out.addcmul_(g.to(s), a.expand(b, c).reshape(b, c, 1, 1)).to(x.dtype)
@@ -256,8 +265,15 @@ class _InstanceLayerNorm(torch.autograd.Function):
         return grad_x, grad_rho, grad_gamma, grad_beta, None
 
 
-def _param_ok(t: torch.Tensor, b: int, c: int) -> bool:
-    return t.dim() == 4 and t.shape[0] in (1, b) and t.shape[1] == c and t.shape[2] == 1 and t.shape[3] == 1
+def _param_ok(t, b: int, c: int, rows=(1,)) -> bool:
+    """A (1, C, 1, 1) tensor, or (B, C, 1, 1) where `rows` allows B."""
+    return (
+        isinstance(t, torch.Tensor)
+        and t.dim() == 4
+        and t.dtype.is_floating_point
+        and (t.shape[0] == 1 or t.shape[0] in rows)
+        and t.shape[1:] == (c, 1, 1)
+    )
 
 
 def instance_layer_norm_fused(
@@ -273,9 +289,9 @@ def instance_layer_norm_fused(
         x.dim() == 4
         and x.dtype.is_floating_point
         and x.shape[2] * x.shape[3] > 1
-        and rho.numel() == x.shape[1]
-        and _param_ok(gamma, x.shape[0], x.shape[1])
-        and _param_ok(beta, x.shape[0], x.shape[1])
+        and _param_ok(rho, x.shape[0], x.shape[1])
+        and _param_ok(gamma, x.shape[0], x.shape[1], rows=(x.shape[0],))
+        and _param_ok(beta, x.shape[0], x.shape[1], rows=(x.shape[0],))
     ):
         return instance_layer_norm(x, rho, gamma, beta, eps)
     with _no_autocast(x):

@@ -72,10 +72,10 @@ class Trainer:
         if config.compile:
             for net in self.nets.values():
                 net.compile()
-        # Under torchrun each network gets its own DDP wrapper. Buffers (the spectral-norm u, v) are not
-        # broadcast: the weights stay identical on every rank, so the power iterations do too.
+        # Under torchrun each network gets its own DDP wrapper. Buffers (the spectral-norm u, v) are synced once at
+        # start, not at every call: the weights stay identical on every rank, so the power iterations do too.
         self.wrapped: dict[str, nn.Module] = (
-            {name: DistributedDataParallel(net, broadcast_buffers=False) for name, net in self.nets.items()}
+            {name: DistributedDataParallel(net, forward_sync_buffers=False) for name, net in self.nets.items()}
             if distributed
             else self.nets
         )
