@@ -25,11 +25,11 @@ from ugatit.config import Config
 from ugatit.data import DataError
 from ugatit.evaluate import (
     KIDSettings,
+    KIDTracker,
     evaluate_checkpoint,
     evaluate_folders,
     extract_features,
     format_table,
-    make_eval_fn,
     write_results,
 )
 from ugatit.inception import (
@@ -435,7 +435,7 @@ def test_tracker_matches_the_file_based_evaluation(model, tiny_run):
     trainer = types.SimpleNamespace(nets=nets, config=config)
     for net in nets.values():
         net.train()
-    track = make_eval_fn(data, model, n_images=100, batch_size=4)
+    track = KIDTracker(data, model, n_images=100, batch_size=4)
     first = track(trainer)
     assert set(first) == {"kid_A2B", "kid_B2A", "kid_blocks_A2B", "kid_blocks_B2A"}
     assert all(isinstance(v, float) and np.isfinite(v) for v in first.values())
@@ -452,7 +452,7 @@ def test_tracker_matches_the_file_based_evaluation(model, tiny_run):
 
 def test_tracker_uses_the_first_n_test_images(model, tiny_run):
     _, data, nets, config = tiny_run
-    track = make_eval_fn(data, model, n_images=3)
+    track = KIDTracker(data, model, n_images=3)
     assert track.paths == {d: sorted((data / f"test{d}").iterdir())[:3] for d in "AB"}
     scores = track(types.SimpleNamespace(nets=nets, config=config))
     assert all(np.isfinite(value) for value in scores.values())
@@ -461,4 +461,46 @@ def test_tracker_uses_the_first_n_test_images(model, tiny_run):
 def test_tracker_needs_test_folders(model, tmp_path):
     write_images(tmp_path / "data" / "testA", 3, seed=1)
     with pytest.raises(DataError, match="testB"):
-        make_eval_fn(tmp_path / "data", model)
+        KIDTracker(tmp_path / "data", model)
+
+
+def test_cli_evaluate_folders_and_missing_weights(weights_file, tmp_path, capsys, monkeypatch):
+    """`ugatit evaluate --fake --real` end to end (full 299 px Inception with random weights), and the clear error
+    when no weights can be found."""
+    from ugatit.cli import main
+
+    fake = write_images(tmp_path / "fake", 6, seed=1)
+    real = write_images(tmp_path / "real", 6, seed=2, bright=True)
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--fake", str(fake), "--real", str(real), "--inception-weights", str(weights_file)]
+    assert main([*args, "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "KID" in printed and "FID" in printed
+    results = json.loads(out.read_text())
+    assert results["n_fake"] == 6 and results["n_real"] == 6
+    assert main([*args, "--out", str(out)]) == 2  # never overwritten without --overwrite
+    monkeypatch.setenv("UGATIT_NO_DOWNLOAD", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("UGATIT_INCEPTION_WEIGHTS", raising=False)
+    assert main(["evaluate", "--fake", str(fake), "--real", str(real), "--out", str(tmp_path / "x.json")]) == 2
+    assert "pt_inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
+
+
+def test_training_with_eval_every_logs_kid_and_keeps_best(weights_file, tmp_path):
+    from ugatit.checkpoint import load_model
+    from ugatit.config import Config
+    from ugatit.synthetic import write_dataset
+    from ugatit.train import train
+
+    data = write_dataset(tmp_path / "data", size=32, n_train=4, n_test=3, seed=5)
+    config = Config(img_size=32, ch=4, n_res=1, light=True, global_layers=4, local_layers=3, num_workers=0,
+                    iterations=4, eval_every=2, sample_every=100)  # fmt: skip
+    train(config, data, tmp_path / "run", progress=False, inception_weights=weights_file)
+    entries = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    evals = [e for e in entries if "eval" in e]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert all(np.isfinite(e["eval"]["kid_A2B"]) and np.isfinite(e["eval"]["kid_B2A"]) for e in evals)
+    best = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
+    assert best["kid"] == min(e["eval"]["kid_mean"] for e in evals)
+    config_back, states = load_model(tmp_path / "run" / "checkpoints" / "best")
+    assert config_back == config and "genA2B" in states

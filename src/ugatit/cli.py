@@ -19,10 +19,11 @@ from .checkpoint import CheckpointError, load_model, save_model
 from .config import PRESETS, Config, ConfigError
 from .data import BadImageError, DataError
 from .export import ExportError
+from .inception import InceptionWeightsError
 
 # ImportError: an optional extra that is not installed (the message names the pip command).
 USER_ERRORS = (
-    CheckpointError, ConfigError, DataError, BadImageError, ExportError, FileExistsError, FileNotFoundError, ImportError,
+    InceptionWeightsError, CheckpointError, ConfigError, DataError, BadImageError, ExportError, FileExistsError, FileNotFoundError, ImportError,
 )  # fmt: skip
 
 
@@ -115,6 +116,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(
         config, args.data, args.run_dir, device=args.device, overwrite=args.overwrite,
         skip_bad_images=args.skip_bad_images, until=args.until, progress=not args.no_progress,
+        inception_weights=args.inception_weights,
     )  # fmt: skip
 
 
@@ -185,6 +187,35 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     quickstart(args.out, preset("cpu-small", **overrides), progress=not args.no_progress)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import KIDSettings, evaluate_checkpoint, evaluate_folders, format_table, write_results
+    from .train import resolve_device
+
+    out = Path(args.out)
+    _refuse_existing(out, args.overwrite)
+    device = resolve_device(args.device)
+    settings = KIDSettings(n_subsets=args.kid_subsets, subset_size=args.kid_subset_size)
+    common = dict(settings=settings, batch_size=args.batch_size, device=device, progress=not args.no_progress)
+    if args.fake:
+        if args.checkpoint or not args.real or args.real in ("test", "train"):
+            raise ConfigError("with --fake DIR give --real DIR (the real images to compare with) and no checkpoint")
+        results = evaluate_folders(args.fake, args.real, args.inception_weights, args.source, **common)
+    else:
+        if not (args.checkpoint and args.data):
+            raise ConfigError("give CHECKPOINT DATA, or --fake DIR --real DIR")
+        real = args.real or "test"
+        if real not in ("test", "train"):
+            raise ConfigError(
+                f"--real {real!r}: with a checkpoint it names the split of the real images, test or train"
+            )
+        results = evaluate_checkpoint(
+            args.checkpoint, args.data, args.direction, real, args.inception_weights, args.translations, **common
+        )
+    print(format_table(results))
+    write_results(results, out)
+    print(f"every number and the protocol: {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ugatit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ugatit {__version__}")
@@ -219,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true", help="list unusable images and train without them")
     p.add_argument("--until", type=int, help="stop after this step (with a checkpoint), before --iterations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--inception-weights", help="for --eval-every: pt_inception-2015-12-05-6726825d.pth")
     add_config_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -242,6 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("evaluate", help="KID and FID of a model's translations (or of any two image folders)")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint to evaluate (translates DATA/testA and/or testB)")
+    p.add_argument("data", nargs="?", help="dataset folder with testA/, testB/ (and trainA/, trainB/)")
+    p.add_argument("--direction", default="both", choices=["A2B", "B2A", "both"])
+    p.add_argument("--real", help="with a checkpoint: test (default) or train split of the target domain; "
+                   "with --fake: the folder of real images")  # fmt: skip
+    p.add_argument("--fake", help="folder of generated images, to score against --real DIR")
+    p.add_argument("--source", help="with --fake: the source-domain images that were translated (for mean KID)")
+    p.add_argument("--translations", help="keep the translated images in this folder (default: a temporary one)")
+    p.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (default: cache, or download)")
+    p.add_argument("--out", default="evaluation.json", help="JSON file for every number and the protocol")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--kid-subsets", type=int, default=100, help="subsets of the KID estimator (torch-fidelity: 100)")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="rows per subset (clipped to the image count)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="write a model file for inference or deployment from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint folder or .safetensors file")

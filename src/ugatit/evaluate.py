@@ -416,12 +416,3 @@ class KIDTracker:
             scores[f"kid_{name}"] = 100 * mmd2_unbiased(self._real[target], fake)
             scores[f"kid_blocks_{name}"] = 100 * kid_blocks(self._real[target], fake)[0]
         return scores
-
-
-def make_eval_fn(
-    data_root: str | os.PathLike, weights: Weights = None, n_images: int = 100, batch_size: int = 32
-) -> KIDTracker:
-    """The training loop's evaluation hook: `fn(trainer)` -> {"kid_A2B", "kid_B2A", "kid_blocks_A2B",
-    "kid_blocks_B2A"}, all x 100 (`kid_*` is the unbiased MMD^2 of the whole fixed sets, `kid_blocks_*` the
-    authors' block estimator). Raises WeightsNotFoundError or DataError now rather than at the first evaluation."""
-    return KIDTracker(data_root, weights, n_images, batch_size)

@@ -97,17 +97,19 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(trainer: Trainer, run_dir: str | Path, extra: dict[str, Any]) -> Path:
-    """Write `checkpoints/step_N` atomically: into a temporary folder, fsynced, then renamed into place."""
+def save_checkpoint(trainer: Trainer, run_dir: str | Path, extra: dict[str, Any], name: str | None = None) -> Path:
+    """Write `checkpoints/step_N` (or `checkpoints/<name>`, replacing it) atomically: into a temporary folder,
+    fsynced, then renamed into place."""
     folder = Path(run_dir) / "checkpoints"
-    final = folder / f"{CHECKPOINT_PREFIX}{trainer.step:07d}"
-    if final.exists():
+    final = folder / (name or f"{CHECKPOINT_PREFIX}{trainer.step:07d}")
+    if final.exists() and name is None:
         return final
     tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+    old = folder / f".{final.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        states = {name: net.state_dict() for name, net in trainer.nets.items()}
+        states = {net_name: net.state_dict() for net_name, net in trainer.nets.items()}
         save_model(tmp / MODEL_FILE, states, trainer.config, step=str(trainer.step))
         state = {
             "step": trainer.step,
@@ -120,10 +122,13 @@ def save_checkpoint(trainer: Trainer, run_dir: str | Path, extra: dict[str, Any]
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(tmp)
+        if final.exists():  # a named checkpoint being replaced: keep the old one until the new one is in place
+            os.rename(final, old)
         os.rename(tmp, final)
         fsync_dir(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -267,6 +272,15 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def _kid_tracker(data_root: Path, weights: str | Path | None) -> Any:
+    from .evaluate import KIDTracker
+
+    for domain in "AB":
+        if not (data_root / f"test{domain}").is_dir():
+            raise DataError(f"--eval-every needs test images: {data_root / f'test{domain}'} is missing")
+    return KIDTracker(data_root, weights)
+
+
 def _tensorboard(run_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -307,11 +321,14 @@ def train(
     skip_bad_images: bool = False,
     until: int | None = None,
     progress: bool = True,
+    inception_weights: str | Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> Trainer:
     """Train (or resume) the run in `run_dir` on DATA/trainA and DATA/trainB up to `config.iterations` steps.
 
-    `until` stops earlier, after that step, with a checkpoint. The run resumes from its latest checkpoint when
+    `until` stops earlier, after that step, with a checkpoint. With `config.eval_every`, KID x 100 of both
+    directions on the test images is logged every that many steps and the best checkpoint is kept as
+    `checkpoints/best`. The run resumes from its latest checkpoint when
     `run_dir` holds one with a compatible config (see `run_config`); `overwrite` deletes it and starts again.
     Started by torchrun, every process trains on its own share of the data with DistributedDataParallel, and
     only rank 0 writes checkpoints, samples and logs.
@@ -319,7 +336,9 @@ def train(
     data_root, run_dir = Path(data_root), Path(run_dir)
     info, dev = distributed.setup(resolve_device(device))
     try:
-        return _train(config, data_root, run_dir, info, dev, overwrite, skip_bad_images, until, progress, echo)
+        return _train(
+            config, data_root, run_dir, info, dev, overwrite, skip_bad_images, until, progress, inception_weights, echo
+        )
     finally:
         distributed.teardown(info)
 
@@ -334,6 +353,7 @@ def _train(
     skip_bad_images: bool,
     until: int | None,
     progress: bool,
+    inception_weights: str | Path | None,
     echo: Callable[[str], None],
 ) -> Trainer:
     main = info.is_main
@@ -398,6 +418,27 @@ def _train(
     samples = {d: _sample_batch(data_root, sample_names[d], config) for d in "AB"} if main else {}
     last = min(config.iterations, until) if until is not None else config.iterations
     writer = _tensorboard(run_dir) if main else None
+    tracker = _kid_tracker(data_root, inception_weights) if config.eval_every and main else None
+    best_file = run_dir / "checkpoints" / "best.json"
+    best = json.loads(best_file.read_text())["kid"] if checkpoints and best_file.is_file() else float("inf")
+
+    def evaluate(log: Any) -> None:
+        nonlocal best
+        if tracker:
+            scores = tracker(trainer)
+            kid = (scores["kid_A2B"] + scores["kid_B2A"]) / 2
+            log.write(json.dumps({"step": trainer.step, "eval": {**scores, "kid_mean": kid}}) + "\n")
+            log.flush()
+            if writer:
+                for key, value in scores.items():
+                    writer.add_scalar(f"eval/{key}", value, trainer.step)
+            if kid < best:
+                best = kid
+                data = {d: {"seed": seeds[d], "consumed": consumed()} for d in "AB"}
+                extra = {"data": data, "rng": [_rng_state(trainer.device)], "world_size": info.world_size}
+                save_checkpoint(trainer, run_dir, extra, name="best")
+                _write_json(best_file, {"step": trainer.step, "kid": kid, **scores})
+        distributed.barrier(info)
 
     def write_samples() -> None:
         if not main:
@@ -448,6 +489,8 @@ def _train(
                         writer.add_scalar(f"loss/{key}" if key != "lr" else "lr", value, step)
             if step % config.sample_every == 0:
                 write_samples()
+            if config.eval_every and step % config.eval_every == 0:
+                evaluate(log)
             if step % config.save_every == 0:
                 checkpoint()
         bar.close()
