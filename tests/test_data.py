@@ -343,3 +343,15 @@ def test_loader_identical_across_num_workers_and_resume(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(serial[2:], batches(0, start=6, count=3), strict=True))
     it = infinite_batches(paths, 16, 3, seed=9, cache=False)
     assert all(torch.equal(next(it), b) for b in serial)
+
+
+def test_crop_margin_sets_the_zoom_of_the_augmentation():
+    """margin 0: the random crop is the whole resized image, so the result is the plain or flipped resize."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    plain = eval_transform(img, 32)
+    flipped = eval_transform(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), 32)
+    for seed in range(6):
+        out = train_transform(img, 32, random.Random(seed), margin=0)
+        assert torch.equal(out, plain) or torch.equal(out, flipped)
+    zoomed = train_transform(img, 32, random.Random(0), margin=30)
+    assert not (torch.equal(zoomed, plain) or torch.equal(zoomed, flipped))

@@ -92,7 +92,8 @@ def test_bf16_close_to_fp32_exact(shape, channels_last):
     """bf16 input under autocast: bf16 output within bf16 rounding of the fp32 exact result for the same input.
 
     Stated tolerance: 1e-2 of the tensor's largest value for the output and grad x (a few bf16 roundings of
-    values up to ~4x the typical one), 1e-3 for the parameter gradients (fp32 sums of exact bf16 products).
+    values up to ~4x the typical one; measured 2-4e-3), 1e-5 for the parameter gradients (fp32 sums of exact bf16
+    products; measured < 1e-6). The exact formula under autocast (bf16 statistics) is further off on all of them.
     """
     x, rho, gamma, beta, grad = make_inputs(shape, True, channels_last)
     x, grad = x.bfloat16(), grad.bfloat16()
@@ -102,15 +103,14 @@ def test_bf16_close_to_fp32_exact(shape, channels_last):
         autocast_exact = run(instance_layer_norm, x, rho, gamma, beta, grad)
     assert fused[0].dtype == torch.bfloat16 and fused[1].dtype == torch.bfloat16
     assert fused[2].dtype == fused[3].dtype == fused[4].dtype == torch.float32
-    for i, tol in enumerate([1e-2, 1e-2, 1e-3, 1e-3, 1e-3]):
+    for i, tol in enumerate([1e-2, 1e-2, 1e-5, 1e-5, 1e-5]):
         if i == 2:
             err = ((fused[2] - reference[2]).abs() / rho_grad_scale(x, rho, gamma, grad).float()).max().item()
         else:
             err = max_scaled_error(fused[i], reference[i])
         assert err < tol, (i, err)
-    # And at least as close as the exact formula run under autocast (bf16 statistics) for output and grad x.
-    for i in (0, 1):
-        assert max_scaled_error(fused[i], reference[i]) <= 1.5 * max_scaled_error(autocast_exact[i], reference[i])
+    for i in range(4):
+        assert max_scaled_error(fused[i], reference[i]) < max_scaled_error(autocast_exact[i].float(), reference[i]), i
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

@@ -28,7 +28,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 TRAIN_DIRS = ("trainA", "trainB")
 TEST_DIRS = ("testA", "testB")
-CROP_MARGIN = 30  # official U-GAT-IT: resize to img_size + 30, then random-crop img_size
+CROP_MARGIN = 30  # official U-GAT-IT: resize to img_size + 30, then random-crop img_size (Config.crop_margin)
 CACHE_LIMIT_BYTES = 2 * 1024**3  # cache="auto" keeps decoded images in RAM below this size
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -236,11 +236,17 @@ def _resize(img: Image.Image, size: int, keep_aspect: bool) -> Image.Image:
     return img.resize(new, Image.Resampling.BILINEAR)
 
 
-def train_transform(img: Image.Image, img_size: int, rng: random.Random, keep_aspect: bool = False) -> torch.Tensor:
-    """Official training augmentation: flip(p=0.5) -> resize to img_size+30 -> random crop img_size."""
+def train_transform(
+    img: Image.Image, img_size: int, rng: random.Random, keep_aspect: bool = False, margin: int = CROP_MARGIN
+) -> torch.Tensor:
+    """Official training augmentation: flip(p=0.5) -> resize to img_size + margin -> random crop img_size.
+
+    The official margin is 30 px at any size: a 12 % zoom at 256 px but 2x at 32 px, where training then sees
+    half-image crops that look nothing like the whole images it is used on. Small models want ~12 % of img_size.
+    """
     if rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    img = _resize(img, img_size + CROP_MARGIN, keep_aspect)
+    img = _resize(img, img_size + margin, keep_aspect)
     w, h = img.size
     top = rng.randint(0, h - img_size)
     left = rng.randint(0, w - img_size)
@@ -274,11 +280,13 @@ class UnpairedImageDataset(Dataset):
         augment: bool = True,
         keep_aspect: bool = False,
         cache: bool | Literal["auto"] = False,
+        margin: int = CROP_MARGIN,
     ) -> None:
         self.paths = [Path(p) for p in paths]
         self.img_size = img_size
         self.augment = augment
         self.keep_aspect = keep_aspect
+        self.margin = margin
         if cache == "auto":
             cache = _decoded_bytes(self.paths) <= CACHE_LIMIT_BYTES
         self.images = _parallel_map(lambda p: np.asarray(load_rgb(p)), self.paths) if cache else None
@@ -294,7 +302,7 @@ class UnpairedImageDataset(Dataset):
         index, sample_seed = item
         img = Image.fromarray(self.images[index]) if self.images is not None else load_rgb(self.paths[index])
         if self.augment:
-            return train_transform(img, self.img_size, random.Random(sample_seed), self.keep_aspect)
+            return train_transform(img, self.img_size, random.Random(sample_seed), self.keep_aspect, self.margin)
         return eval_transform(img, self.img_size, self.keep_aspect)
 
 
@@ -414,6 +422,7 @@ def infinite_batches(
     *,
     augment: bool = True,
     keep_aspect: bool = False,
+    margin: int = CROP_MARGIN,
     cache: bool | Literal["auto"] = "auto",
     rank: int = 0,
     world_size: int = 1,
@@ -421,7 +430,7 @@ def infinite_batches(
     pin_memory: bool = False,
     name: str = "dataset",
 ) -> Iterator[torch.Tensor]:
-    """One domain's training batches, forever; ``start`` = samples this rank already consumed."""
-    dataset = UnpairedImageDataset(paths, img_size, augment, keep_aspect, cache)
+    """One domain's training batches, forever; ``start`` = samples all ranks together already consumed."""
+    dataset = UnpairedImageDataset(paths, img_size, augment, keep_aspect, cache, margin)
     sampler = EpochSampler(len(dataset), seed, rank, world_size, start, name)
     return iter(make_loader(dataset, sampler, batch_size, num_workers, pin_memory))

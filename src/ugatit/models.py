@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import Config
-from .norms import ILN, AdaILN, raw_weight, spectral_norm
+from .norms import ILN, AdaILN, InstanceNorm, raw_weight, spectral_norm
 
 
 def class_activation(
@@ -41,16 +41,16 @@ def _checkpointed(segments: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, fused: bool = False):
         super().__init__()
         self.conv_block = nn.Sequential(
             nn.ReflectionPad2d(1),
             nn.Conv2d(dim, dim, 3, 1, 0, bias=False),
-            nn.InstanceNorm2d(dim),
+            InstanceNorm(fused),
             nn.ReLU(True),
             nn.ReflectionPad2d(1),
             nn.Conv2d(dim, dim, 3, 1, 0, bias=False),
-            nn.InstanceNorm2d(dim),
+            InstanceNorm(fused),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,15 +58,15 @@ class ResnetBlock(nn.Module):
 
 
 class ResnetAdaILNBlock(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, fused: bool = False):
         super().__init__()
         self.pad1 = nn.ReflectionPad2d(1)
         self.conv1 = nn.Conv2d(dim, dim, 3, 1, 0, bias=False)
-        self.norm1 = AdaILN(dim)
+        self.norm1 = AdaILN(dim, fused=fused)
         self.relu1 = nn.ReLU(True)
         self.pad2 = nn.ReflectionPad2d(1)
         self.conv2 = nn.Conv2d(dim, dim, 3, 1, 0, bias=False)
-        self.norm2 = AdaILN(dim)
+        self.norm2 = AdaILN(dim, fused=fused)
 
     def forward(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.norm1(self.conv1(self.pad1(x)), gamma, beta))
@@ -78,11 +78,19 @@ class ResnetGenerator(nn.Module):
     """Encoder, CAM, gamma/beta MLP, AdaILN residual decoder and upsampling (UGATIT_SPEC.md section 1.1).
 
     In full mode the MLP reads the whole flattened bottleneck, which binds the network to `img_size`; light mode
-    pools it first and runs at any size that is a multiple of 4.
+    pools it first and runs at any size that is a multiple of 4. `fused` selects the fast normalisation kernels,
+    `grad_checkpoint` recomputes block insides in the backward instead of storing them; neither changes the weights.
     """
 
     def __init__(
-        self, ch: int = 64, n_res: int = 4, img_size: int = 256, light: bool = False, *, grad_checkpoint: bool = False
+        self,
+        ch: int = 64,
+        n_res: int = 4,
+        img_size: int = 256,
+        light: bool = False,
+        *,
+        fused: bool = False,
+        grad_checkpoint: bool = False,
     ):
         super().__init__()
         self.light = light
@@ -92,7 +100,7 @@ class ResnetGenerator(nn.Module):
         down = [
             nn.ReflectionPad2d(3),
             nn.Conv2d(3, ch, 7, 1, 0, bias=False),
-            nn.InstanceNorm2d(ch),
+            InstanceNorm(fused),
             nn.ReLU(True),
         ]
         for i in range(2):
@@ -100,10 +108,10 @@ class ResnetGenerator(nn.Module):
             down += [
                 nn.ReflectionPad2d(1),
                 nn.Conv2d(ch * mult, ch * mult * 2, 3, 2, 0, bias=False),
-                nn.InstanceNorm2d(ch * mult * 2),
+                InstanceNorm(fused),
                 nn.ReLU(True),
             ]
-        down += [ResnetBlock(dim) for _ in range(n_res)]
+        down += [ResnetBlock(dim, fused) for _ in range(n_res)]
 
         self.gap_fc = nn.Linear(dim, 1, bias=False)
         self.gmp_fc = nn.Linear(dim, 1, bias=False)
@@ -113,7 +121,7 @@ class ResnetGenerator(nn.Module):
         self.gamma = nn.Linear(dim, dim, bias=False)
         self.beta = nn.Linear(dim, dim, bias=False)
         for i in range(n_res):
-            setattr(self, f"UpBlock1_{i + 1}", ResnetAdaILNBlock(dim))
+            setattr(self, f"UpBlock1_{i + 1}", ResnetAdaILNBlock(dim, fused))
 
         up = []
         for i in range(2):
@@ -122,7 +130,7 @@ class ResnetGenerator(nn.Module):
                 nn.Upsample(scale_factor=2, mode="nearest"),
                 nn.ReflectionPad2d(1),
                 nn.Conv2d(ch * mult, ch * mult // 2, 3, 1, 0, bias=False),
-                ILN(ch * mult // 2),
+                ILN(ch * mult // 2, fused=fused),
                 nn.ReLU(True),
             ]
         up += [nn.ReflectionPad2d(3), nn.Conv2d(ch, 3, 7, 1, 0, bias=False), nn.Tanh()]
@@ -207,7 +215,12 @@ NETWORKS = GENERATORS + DISCRIMINATORS
 
 def build_generator(config: Config) -> ResnetGenerator:
     return ResnetGenerator(
-        config.ch, config.n_res, config.img_size, config.light, grad_checkpoint=config.grad_checkpoint
+        config.ch,
+        config.n_res,
+        config.img_size,
+        config.light,
+        fused=config.precision == "fast",
+        grad_checkpoint=config.grad_checkpoint,
     )
 
 

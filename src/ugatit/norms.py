@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .fused import instance_layer_norm_fused, instance_norm_fused
+
 EPS = 1e-5
 
 
@@ -33,29 +35,50 @@ def instance_layer_norm(
 
 
 class AdaILN(nn.Module):
-    """Adaptive ILN: gamma and beta come per sample from the generator's MLP, rho is learned (init 0.9)."""
+    """Adaptive ILN: gamma and beta come per sample from the generator's MLP, rho is learned (init 0.9).
 
-    def __init__(self, num_features: int, eps: float = EPS):
+    `fused` selects the one-pass kernel with an analytic backward (fused.py): same function, other rounding.
+    """
+
+    def __init__(self, num_features: int, eps: float = EPS, fused: bool = False):
         super().__init__()
         self.eps = eps
+        self.norm = instance_layer_norm_fused if fused else instance_layer_norm
         self.rho = nn.Parameter(torch.full((1, num_features, 1, 1), 0.9))
 
     def forward(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        return instance_layer_norm(x, self.rho, gamma[:, :, None, None], beta[:, :, None, None], self.eps)
+        return self.norm(x, self.rho, gamma[:, :, None, None], beta[:, :, None, None], self.eps)
 
 
 class ILN(nn.Module):
     """ILN of the upsampling blocks: rho init 0 (pure layer norm at start), learned per-channel affine."""
 
-    def __init__(self, num_features: int, eps: float = EPS):
+    def __init__(self, num_features: int, eps: float = EPS, fused: bool = False):
         super().__init__()
         self.eps = eps
+        self.norm = instance_layer_norm_fused if fused else instance_layer_norm
         self.rho = nn.Parameter(torch.zeros(1, num_features, 1, 1))
         self.gamma = nn.Parameter(torch.ones(1, num_features, 1, 1))
         self.beta = nn.Parameter(torch.zeros(1, num_features, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return instance_layer_norm(x, self.rho, self.gamma, self.beta, self.eps)
+        return self.norm(x, self.rho, self.gamma, self.beta, self.eps)
+
+
+class InstanceNorm(nn.Module):
+    """The encoder's InstanceNorm2d (no affine, biased variance), optionally fused.
+
+    The fused kernel is also what makes channels_last safe: PyTorch's CPU instance_norm returns a wrong input
+    gradient for channels_last tensors at batch 1 (forward correct), which the fused backward does not share.
+    """
+
+    def __init__(self, fused: bool = False, eps: float = EPS):
+        super().__init__()
+        self.eps = eps
+        self.fused = fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return instance_norm_fused(x, self.eps) if self.fused else F.instance_norm(x, eps=self.eps)
 
 
 @torch.no_grad()

@@ -33,14 +33,14 @@ def _check_folder(out: Path) -> None:
         raise FileExistsError(f"{out} exists and is not a quickstart folder; choose another --out")
 
 
-def _scores(translators: dict[str, Translator], data: Path) -> dict[str, dict[str, float]]:
-    """Target-domain rate and shape IoU of each direction on the test images."""
+def _scores(translators: dict[str, Translator] | None, data: Path) -> dict[str, dict[str, float]]:
+    """Target-domain rate and shape IoU of each direction on the test images (`None`: the inputs themselves)."""
     scores = {}
     for name, source, target in DIRECTIONS:
         paths = list_images(data / f"test{source}")
         inputs = [load_rgb(p) for p in paths]
         masks = [load_mask(data / "masks" / f"test{source}" / p.name) for p in paths]
-        outputs = translators[name](inputs, original_size=True)
+        outputs = translators[name](inputs, original_size=True) if translators else inputs
         scores[name] = evaluate_translation(inputs, outputs, source, target, masks)
     return scores
 
@@ -51,43 +51,41 @@ def _untrained(config: Config) -> dict[str, Translator]:
     return {name: Translator(nets[f"gen{name}"], config, name) for name, _, _ in DIRECTIONS}
 
 
-def _report(out: Path, config: Config, before: dict, after: dict, seconds: dict[str, float], step: int) -> Path:
-    rows = [
-        ("A2B: judged domain B", before["A2B"]["target_domain_rate"], after["A2B"]["target_domain_rate"]),
-        ("A2B: shape kept (mask IoU)", before["A2B"]["mean_iou"], after["A2B"]["mean_iou"]),
-        ("B2A: judged domain A", before["B2A"]["target_domain_rate"], after["B2A"]["target_domain_rate"]),
-        ("B2A: shape kept (mask IoU)", before["B2A"]["mean_iou"], after["B2A"]["mean_iou"]),
-    ]
-    samples = (
-        sorted((out / "run" / "samples").glob("A2B_*.png"))[-1:]
-        + sorted((out / "run" / "samples").glob("B2A_*.png"))[-1:]
-    )
-    md = [
-        "# ugatit quickstart report",
-        "",
+def _report(out: Path, config: Config, scores: dict[str, dict], seconds: dict[str, float], step: int) -> Path:
+    columns = ("input", "untrained", "trained")
+    rows = []
+    for name, _, target in DIRECTIONS:
+        rows.append((f"{name}: judged domain {target}", [scores[c][name]["target_domain_rate"] for c in columns]))
+        rows.append((f"{name}: shape kept (mask IoU)", [scores[c][name]["mean_iou"] for c in columns]))
+    grids = [max((out / "run" / "samples").glob(f"{name}_*.png"), default=None) for name, _, _ in DIRECTIONS]
+    grids = [g for g in grids if g is not None]
+    intro = [
         "Domain A: warm shapes on light backgrounds. Domain B: textured cool shapes on dark backgrounds.",
-        f"Model: {config.img_size} px, ch {config.ch}, n_res {config.n_res}, light; {step} training steps "
-        f"(preset cpu-small), trained in {seconds['train']:.0f} s.",
-        "",
-        "| metric (test images) | untrained | trained |",
-        "|---|---|---|",
-        *[f"| {name} | {b:.2f} | {a:.2f} |" for name, b, a in rows],
-        "",
-        "Sample grids (columns: images; rows: real, identity heatmap, identity, translation heatmap, translation, "
-        "cycle heatmap, cycle):",
-        "",
-        *[f"![{p.stem}](run/samples/{p.name})" for p in samples],
-        "",
-        "Translations of every test image: `translated/A2B/`, `translated/B2A/` (with `_heatmap` overlays).",
+        f"Model: {config.img_size} px, ch {config.ch}, n_res {config.n_res}, light, preset cpu-small; "
+        f"{step} training steps in {seconds['train']:.0f} s ({seconds['total']:.0f} s in all).",
+        "Columns: the test images themselves (no translation), the untrained model, the trained model. A model that "
+        "learned turns most images into the other domain (high 'judged' rate) and keeps their shapes (high IoU).",
     ]
+    md = [
+        "# ugatit quickstart report", "", *intro, "",
+        "| metric (test images) | input | untrained | trained |", "|---|---|---|---|",
+        *[f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + " |" for label, values in rows],
+        "", "Sample grids (one column per image; rows: real, identity heatmap, identity, translation heatmap, "
+        "translation, cycle heatmap, cycle):", "",
+        *[f"![{p.stem}](run/samples/{p.name})" for p in grids], "",
+        "Every test image translated, with heatmap overlays: `translated/A2B/`, `translated/B2A/`.",
+    ]  # fmt: skip
     (out / "report.md").write_text("\n".join(md) + "\n")
-    table = "".join(f"<tr><td>{html.escape(n)}</td><td>{b:.2f}</td><td>{a:.2f}</td></tr>" for n, b, a in rows)
-    images = "".join(f'<p><img src="run/samples/{p.name}" alt="{p.stem}"></p>' for p in samples)
+    table = "".join(
+        f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{v:.2f}</td>" for v in values) + "</tr>"
+        for label, values in rows
+    )
+    images = "".join(f'<p><img src="run/samples/{p.name}" alt="{p.stem}"></p>' for p in grids)
     page = (
-        "<!doctype html><meta charset='utf-8'><title>ugatit quickstart</title>"
-        f"<h1>ugatit quickstart report</h1><p>{html.escape(md[3])}</p><p>{html.escape(md[4])}</p>"
-        f"<table border=1 cellpadding=4><tr><th>metric (test images)</th><th>untrained</th><th>trained</th></tr>"
-        f"{table}</table><h2>Sample grids</h2>{images}"
+        "<!doctype html><meta charset='utf-8'><title>ugatit quickstart</title><h1>ugatit quickstart report</h1>"
+        + "".join(f"<p>{html.escape(line)}</p>" for line in intro)
+        + "<table border=1 cellpadding=4><tr><th>metric (test images)</th><th>input</th><th>untrained</th>"
+        + f"<th>trained</th></tr>{table}</table><h2>Sample grids</h2>{images}"
     )
     (out / "report.html").write_text(page)
     return out / "report.md"
@@ -96,7 +94,7 @@ def _report(out: Path, config: Config, before: dict, after: dict, seconds: dict[
 def quickstart(
     out: str | Path = "quickstart_out", config: Config | None = None, progress: bool = True, echo: Callable = print
 ) -> dict[str, Any]:
-    """Run the quickstart in `out`; returns the scores before and after training and the timings."""
+    """Run the quickstart in `out`; returns the scores (input / untrained / trained) and the timings."""
     out = Path(out)
     config = config or preset("cpu-small")
     _check_folder(out)
@@ -105,29 +103,30 @@ def quickstart(
     seconds: dict[str, float] = {}
     t0 = time.time()
     data = write_dataset(out / "data", size=config.img_size, n_train=N_TRAIN, n_test=N_TEST, seed=config.seed)
-    before = _scores(_untrained(config), data)
+    scores = {"input": _scores(None, data), "untrained": _scores(_untrained(config), data)}
     echo(f"dataset ready in {out / 'data'}; training {config.iterations} steps")
 
     t1 = time.time()
     train(config, data, out / "run", progress=progress, echo=echo)
     seconds["train"] = time.time() - t1
-    checkpoint = list_checkpoints(out / "run")[-1][1]
+    step, checkpoint = list_checkpoints(out / "run")[-1]
     translators = {name: Translator.from_checkpoint(checkpoint, name) for name, _, _ in DIRECTIONS}
-    after = _scores(translators, data)
+    scores["trained"] = _scores(translators, data)
     for name, source, _ in DIRECTIONS:
         translate_files(
             translators[name], [str(data / f"test{source}")], out / "translated" / name,
             heatmap=True, overwrite=True, progress=False,
         )  # fmt: skip
     seconds["total"] = time.time() - t0
-    report = _report(out, config, before, after, seconds, list_checkpoints(out / "run")[-1][0])
-    result = {"before": before, "after": after, "seconds": seconds, "report": str(report)}
+    report = _report(out, config, scores, seconds, step)
+    result = {"scores": scores, "seconds": seconds, "report": str(report)}
     (out / "scores.json").write_text(json.dumps(result, indent=2))
     for name, _, target in DIRECTIONS:
+        before, after = scores["untrained"][name], scores["trained"][name]
         echo(
-            f"{name}: judged domain {target} {before[name]['target_domain_rate']:.0%} -> "
-            f"{after[name]['target_domain_rate']:.0%}, shape IoU {before[name]['mean_iou']:.2f} -> "
-            f"{after[name]['mean_iou']:.2f}"
+            f"{name}: judged domain {target} {scores['input'][name]['target_domain_rate']:.0%} as input, "
+            f"{after['target_domain_rate']:.0%} translated; shape IoU {before['mean_iou']:.2f} untrained -> "
+            f"{after['mean_iou']:.2f} trained"
         )
     echo(f"report: {report} (and report.html); total {seconds['total']:.0f} s")
     return result

@@ -295,7 +295,7 @@ def _domain_batches(
     cache = {"auto": "auto", "yes": True, "no": False}[config.cache_images]
     return infinite_batches(
         paths, config.img_size, config.batch_size, seed, config.num_workers,
-        augment=config.augment, keep_aspect=config.keep_aspect, cache=cache, start=consumed,
+        augment=config.augment, keep_aspect=config.keep_aspect, margin=config.crop_margin, cache=cache, start=consumed,
         rank=info.rank, world_size=info.world_size, pin_memory=device.type == "cuda", name=name,
     )  # fmt: skip
 
