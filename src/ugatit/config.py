@@ -150,20 +150,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The official defaults (UGATIT_SPEC.md section 3).
     "paper": {},
     "light": {"light": True},
-    # Learns visibly on a 2-core CPU in minutes (the quickstart): 32 px images, 16 channels, discriminators as deep
-    # as 32 px allows (5 and 3 layers), a crop margin in proportion to the size, lr 2e-4; the paper's loss weights.
+    # Learns visibly on a 2-core CPU in minutes (the quickstart): 64 px, 8 channels, discriminators of 5 and 4
+    # layers, batch 4 at lr 5e-4 for 400 steps, no augmentation; the paper's loss weights. Found by a sweep on the
+    # synthetic domains (both directions >= 0.77 shape IoU, all outputs judged the target domain).
     "cpu-small": {
-        "img_size": 32,
-        "ch": 16,
+        "img_size": 64,
+        "ch": 8,
         "n_res": 4,
         "light": True,
         "global_layers": 5,
-        "local_layers": 3,
-        "crop_margin": 4,
-        "lr": 2e-4,
-        "iterations": 1000,
-        "save_every": 250,
-        "sample_every": 250,
+        "local_layers": 4,
+        "batch_size": 4,
+        "lr": 5e-4,
+        "iterations": 400,
+        "augment": False,
+        "crop_margin": 8,
+        "save_every": 100,
+        "sample_every": 100,
         "log_every": 10,
         "num_workers": 0,  # tiny cached images: a worker process would only compete for the 2 cores
     },

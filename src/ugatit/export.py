@@ -45,9 +45,8 @@ from torch import nn
 from . import __version__
 from .checkpoint import atomic_write, model_file
 from .config import Config
-from .data import eval_transform, to_image
-from .inference import Translator, _resize_to
-from .visualize import overlay_heatmap
+from .data import to_image
+from .inference import ImageTranslator, Translator
 
 INPUT, IMAGE, HEATMAP = "input", "image", "heatmap"
 FORMAT = "ugatit-onnx"
@@ -217,7 +216,7 @@ def _providers(device: str | torch.device, available: Sequence[str]) -> list[str
     return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
 
 
-class OnnxTranslator:
+class OnnxTranslator(ImageTranslator):
     """An exported generator run by ONNX Runtime, called like `inference.Translator` (so `translate_files` takes it).
 
     Images go through the same `eval_transform` and 8-bit conversion as with the PyTorch translator, so both give the
@@ -284,47 +283,20 @@ class OnnxTranslator:
         outputs = self.session.run([IMAGE, HEATMAP] if self.has_heatmap else [IMAGE], {INPUT: x})
         return outputs[0], outputs[1] if self.has_heatmap else None
 
-    def __call__(
-        self, image: Image.Image | Sequence[Image.Image], original_size: bool = False, batch_size: int | None = None
-    ) -> Image.Image | list[Image.Image]:
-        """Translate one image (returns one) or a sequence (returns a list, in order)."""
-        if isinstance(image, Image.Image):
-            return self._translate([image], original_size, False, batch_size)[0][0]
-        return [out for out, _ in self._translate(list(image), original_size, False, batch_size)]
-
     def translate_with_heatmap(
         self, images: Image.Image | Sequence[Image.Image], original_size: bool = False, batch_size: int | None = None
     ) -> tuple[Image.Image, Image.Image] | list[tuple[Image.Image, Image.Image]]:
         """As `Translator.translate_with_heatmap`; needs a file exported with `heatmap=True`."""
         if not self.has_heatmap:
             raise ExportError(f"{self.source} has no heatmap output; export it again with heatmap=True")
-        if isinstance(images, Image.Image):
-            return self._translate([images], original_size, True, batch_size)[0]
-        return self._translate(list(images), original_size, True, batch_size)
+        return super().translate_with_heatmap(images, original_size, batch_size)
 
-    def _translate(
-        self, images: list[Image.Image], original_size: bool, heatmap: bool, batch_size: int | None
-    ) -> list[tuple[Image.Image, Image.Image | None]]:
-        size = batch_size or self.batch_size
-        results = []
-        for start in range(0, len(images), size):
-            chunk = images[start : start + size]
-            inputs = torch.stack([self._transform(img) for img in chunk])
-            # Exact inverse of data.to_tensor: the uint8 graph sees the very pixels the float one would.
-            array = np.rint((inputs.numpy() + 1) * 127.5).astype(np.uint8) if self.uint8 else inputs.numpy()
-            outputs, heatmaps = self.run(array)
-            for i, img in enumerate(chunk):
-                out = self._to_image(outputs[i])
-                overlay = overlay_heatmap(inputs[i], torch.from_numpy(heatmaps[i])) if heatmap else None
-                if original_size:
-                    out = _resize_to(out, img.size)
-                    overlay = None if overlay is None else _resize_to(overlay, img.size)
-                results.append((out, overlay))
-        return results
-
-    def _transform(self, image: Image.Image) -> torch.Tensor:
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        return eval_transform(rgb, self.config.img_size, self.config.keep_aspect)
+    def _forward(self, inputs: torch.Tensor) -> tuple[list[Image.Image], torch.Tensor | None]:
+        # Exact inverse of data.to_tensor: the uint8 graph sees the very pixels the float one would.
+        array = np.rint((inputs.numpy() + 1) * 127.5).astype(np.uint8) if self.uint8 else inputs.numpy()
+        outputs, heatmaps = self.run(array)
+        images = [self._to_image(output) for output in outputs]
+        return images, None if heatmaps is None else torch.from_numpy(heatmaps)
 
     def _to_image(self, output: np.ndarray) -> Image.Image:
         """One 3 x H x W graph output as an 8-bit image (uint8 graphs already rounded like data.to_image)."""

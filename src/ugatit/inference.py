@@ -43,7 +43,62 @@ def generator_name(direction: str) -> str:
     return DIRECTIONS[direction]
 
 
-class Translator:
+class ImageTranslator:
+    """What every backend shares: PIL images in, the official test transform, batching, PIL images out.
+
+    A backend supplies `config`, `batch_size` and `_forward(inputs) -> (images, raw heatmaps)` for a batch of
+    N x 3 x H x W tensors in [-1, 1].
+    """
+
+    config: Config
+    batch_size: int
+
+    def _forward(self, inputs: torch.Tensor) -> tuple[list[Image.Image], torch.Tensor | None]:
+        raise NotImplementedError
+
+    def __call__(
+        self, image: Image.Image | Sequence[Image.Image], original_size: bool = False, batch_size: int | None = None
+    ) -> Image.Image | list[Image.Image]:
+        """Translate one image (returns one) or a sequence (returns a list, in order)."""
+        if isinstance(image, Image.Image):
+            return self._translate([image], original_size, False, batch_size)[0][0]
+        return [out for out, _ in self._translate(list(image), original_size, False, batch_size)]
+
+    def translate_with_heatmap(
+        self, images: Image.Image | Sequence[Image.Image], original_size: bool = False, batch_size: int | None = None
+    ) -> tuple[Image.Image, Image.Image] | list[tuple[Image.Image, Image.Image]]:
+        """Like calling the translator, plus the CAM attention heatmap blended over the image the model saw.
+
+        The overlay is drawn on the resized (or cropped) model input rather than the original, so the heatmap lines
+        up with what was attended to; with `original_size` it is then resized back like the translation.
+        """
+        if isinstance(images, Image.Image):
+            return self._translate([images], original_size, True, batch_size)[0]
+        return self._translate(list(images), original_size, True, batch_size)
+
+    def _translate(
+        self, images: list[Image.Image], original_size: bool, heatmap: bool, batch_size: int | None
+    ) -> list[tuple[Image.Image, Image.Image | None]]:
+        size = batch_size or self.batch_size
+        results = []
+        for start in range(0, len(images), size):
+            chunk = images[start : start + size]
+            inputs = torch.stack([self._transform(img) for img in chunk])
+            outputs, heatmaps = self._forward(inputs)
+            for i, (img, out) in enumerate(zip(chunk, outputs, strict=True)):
+                overlay = overlay_heatmap(inputs[i], heatmaps[i]) if heatmap else None
+                if original_size:
+                    out = resize_to(out, img.size)
+                    overlay = None if overlay is None else resize_to(overlay, img.size)
+                results.append((out, overlay))
+        return results
+
+    def _transform(self, image: Image.Image) -> torch.Tensor:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return eval_transform(rgb, self.config.img_size, self.config.keep_aspect)
+
+
+class Translator(ImageTranslator):
     """One generator in eval mode with the config it was trained with; call it on PIL images.
 
     Results come at the trained `img_size`, the only size a full (non-light) generator accepts; `original_size=True`
@@ -82,52 +137,13 @@ class Translator:
     def device(self) -> torch.device:
         return next(self.generator.parameters()).device
 
-    def __call__(
-        self, image: Image.Image | Sequence[Image.Image], original_size: bool = False, batch_size: int | None = None
-    ) -> Image.Image | list[Image.Image]:
-        """Translate one image (returns one) or a sequence (returns a list, in order)."""
-        if isinstance(image, Image.Image):
-            return self._translate([image], original_size, False, batch_size)[0][0]
-        return [out for out, _ in self._translate(list(image), original_size, False, batch_size)]
-
-    def translate_with_heatmap(
-        self, images: Image.Image | Sequence[Image.Image], original_size: bool = False, batch_size: int | None = None
-    ) -> tuple[Image.Image, Image.Image] | list[tuple[Image.Image, Image.Image]]:
-        """Like calling the translator, plus the CAM attention heatmap blended over the image the model saw.
-
-        The overlay is drawn on the resized (or cropped) model input rather than the original, so the heatmap lines
-        up with what was attended to; with `original_size` it is then resized back like the translation.
-        """
-        if isinstance(images, Image.Image):
-            return self._translate([images], original_size, True, batch_size)[0]
-        return self._translate(list(images), original_size, True, batch_size)
-
-    def _translate(
-        self, images: list[Image.Image], original_size: bool, heatmap: bool, batch_size: int | None
-    ) -> list[tuple[Image.Image, Image.Image | None]]:
-        size = batch_size or self.batch_size
-        results = []
-        for start in range(0, len(images), size):
-            chunk = images[start : start + size]
-            inputs = torch.stack([self._transform(img) for img in chunk])
-            with torch.inference_mode():
-                outputs, _, heatmaps = self.generator(inputs.to(self.device))
-            outputs, heatmaps = outputs.float().cpu(), heatmaps.float().cpu()
-            for img, x, y, cam in zip(chunk, inputs, outputs, heatmaps, strict=True):
-                out = to_image(y)
-                overlay = overlay_heatmap(x, cam) if heatmap else None
-                if original_size:
-                    out = _resize_to(out, img.size)
-                    overlay = None if overlay is None else _resize_to(overlay, img.size)
-                results.append((out, overlay))
-        return results
-
-    def _transform(self, image: Image.Image) -> torch.Tensor:
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        return eval_transform(rgb, self.config.img_size, self.config.keep_aspect)
+    def _forward(self, inputs: torch.Tensor) -> tuple[list[Image.Image], torch.Tensor]:
+        with torch.inference_mode():
+            outputs, _, heatmaps = self.generator(inputs.to(self.device))
+        return [to_image(y) for y in outputs.float().cpu()], heatmaps.float().cpu()
 
 
-def _resize_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+def resize_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
 
 
