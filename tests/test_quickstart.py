@@ -1,0 +1,36 @@
+"""End to end: the quickstart trains on the synthetic domains with the cpu-small preset and the model learns.
+
+A model that learned judges most translations to be in the other domain and keeps the shapes of its inputs.
+Each run takes a few minutes on a 2-core CPU; both the exact and the fast path must learn.
+"""
+
+import json
+
+import pytest
+
+from ugatit.config import preset
+from ugatit.quickstart import N_TEST, quickstart
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_quickstart_learns_both_directions(tmp_path, precision):
+    result = quickstart(tmp_path / "qs", preset("cpu-small", precision=precision), progress=False, echo=lambda m: None)
+    scores = result["scores"]
+    for direction in ("A2B", "B2A"):
+        trained, untrained = scores["trained"][direction], scores["untrained"][direction]
+        assert scores["input"][direction]["target_domain_rate"] == 0.0
+        assert trained["target_domain_rate"] >= 0.8, (direction, trained)
+        assert trained["mean_iou"] >= 0.6, (direction, trained)
+        assert trained["mean_iou"] >= untrained["mean_iou"] + 0.2, (direction, trained, untrained)
+    out = tmp_path / "qs"
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    assert "| A2B: judged domain B |" in (out / "report.md").read_text()
+    assert len(list((out / "translated" / "A2B").glob("*_heatmap.png"))) == N_TEST
+    assert json.loads((out / "scores.json").read_text())["scores"]["trained"]["B2A"]["n"] == N_TEST
+
+
+def test_quickstart_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a quickstart folder"):
+        quickstart(tmp_path, preset("cpu-small"), progress=False)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
