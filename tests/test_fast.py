@@ -72,3 +72,22 @@ def test_bf16_step_gradients_match_to_bf16_accuracy():
     errors = _relative_grad_errors(exact, fast)
     assert statistics.median(errors.values()) <= 0.3
     assert all(torch.isfinite(p.grad).all() for net in fast.nets.values() for p in net.parameters())
+
+
+def test_fast_translator_matches_the_exact_one(tmp_path):
+    import numpy as np
+
+    from ugatit.checkpoint import save_model
+    from ugatit.inference import Translator
+    from ugatit.synthetic import make_sample
+
+    torch.manual_seed(0)
+    exact, _, _, _ = _pair()
+    save_model(tmp_path / "g.safetensors", {"genA2B": exact.nets["genA2B"].state_dict()}, BASE)
+    images = [make_sample("A", np.random.default_rng(i), 64)[0] for i in range(3)]
+    reference = Translator.from_checkpoint(tmp_path / "g.safetensors")(images)
+    fast = Translator.from_checkpoint(tmp_path / "g.safetensors", fast=True)
+    assert fast.generator.UpBlock1_1.norm1.norm.__name__ == "instance_layer_norm_fused"
+    for ref, out in zip(reference, fast(images), strict=True):
+        diff = np.abs(np.asarray(ref, dtype=np.int16) - np.asarray(out, dtype=np.int16))
+        assert diff.mean() <= 3.0, diff.mean()

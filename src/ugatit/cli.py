@@ -171,7 +171,11 @@ def cmd_translate(args: argparse.Namespace) -> None:
     from .export import load_translator
     from .inference import translate_files
 
-    translator = load_translator(args.checkpoint, args.direction, backend=args.backend, device=args.device)
+    if args.fast and args.backend != "torch":
+        raise ConfigError("--fast is the torch backend's bf16 path; drop it with --backend onnxruntime")
+    translator = load_translator(
+        args.checkpoint, args.direction, backend=args.backend, device=args.device, fast=args.fast
+    )
     outputs = translate_files(
         translator, args.inputs, args.out, batch_size=args.batch_size, heatmap=args.heatmap,
         original_size=args.original_size, overwrite=args.overwrite, progress=not args.no_progress,

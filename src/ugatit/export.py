@@ -318,6 +318,7 @@ def load_translator(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     cache_dir: str | os.PathLike | None = None,
+    fast: bool = False,
 ) -> Translator | OnnxTranslator:
     """A translator for a checkpoint (file or folder) or an `.onnx` file, on the `torch` or `onnxruntime` backend.
 
@@ -325,7 +326,8 @@ def load_translator(
     `direction` defaults to "A2B" for checkpoints and to the file's own for ONNX files (where a different one is an
     error: an ONNX file holds one generator). With backend onnxruntime a checkpoint is exported on the fly, with the
     heatmap output; into a temporary file by default, or into `cache_dir`, keyed by the checkpoint's contents, the
-    direction and the ugatit and torch versions, so that later calls skip the export.
+    direction and the ugatit and torch versions, so that later calls skip the export. `fast` selects the torch
+    backend's bf16 path.
     """
     if backend not in BACKENDS:
         raise ExportError(f"backend={backend!r} must be one of: {', '.join(BACKENDS)}")
@@ -341,7 +343,7 @@ def load_translator(
     if backend == "torch":
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return Translator.from_checkpoint(path, direction, device, batch_size)
+        return Translator.from_checkpoint(path, direction, device, batch_size, fast)
     if cache_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
             exported = export_onnx(path, Path(tmp) / "model.onnx", direction, heatmap=True)

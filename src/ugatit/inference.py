@@ -103,21 +103,32 @@ class Translator(ImageTranslator):
 
     Results come at the trained `img_size`, the only size a full (non-light) generator accepts; `original_size=True`
     resizes them back (bicubic) to each input's width x height. `batch_size` bounds how many images go through the
-    generator at once, which bounds memory, not the number of images a call accepts.
+    generator at once, which bounds memory, not the number of images a call accepts. `fast` runs the generator in
+    bf16 autocast with channels_last (build it with fused norms: `from_checkpoint(..., fast=True)` does); the
+    default is the exact fp32 path.
     """
 
-    def __init__(self, generator: nn.Module, config: Config, direction: str = "A2B", batch_size: int = 8) -> None:
+    def __init__(
+        self, generator: nn.Module, config: Config, direction: str = "A2B", batch_size: int = 8, fast: bool = False
+    ) -> None:
         generator_name(direction)  # refuses an unknown direction now rather than at the first call
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be a positive integer")
-        self.generator = generator.eval().requires_grad_(False)
+        self.memory_format = torch.channels_last if fast else torch.contiguous_format
+        self.generator = generator.eval().requires_grad_(False).to(memory_format=self.memory_format)
         self.config = config
         self.direction = direction
         self.batch_size = batch_size
+        self.fast = fast
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike, direction: str = "A2B", device: str | torch.device = "cpu", batch_size: int = 8
+        cls,
+        path: str | os.PathLike,
+        direction: str = "A2B",
+        device: str | torch.device = "cpu",
+        batch_size: int = 8,
+        fast: bool = False,
     ) -> Translator:
         """Build the `direction` generator from any of our checkpoints (full, generator-only, or a run folder).
 
@@ -125,21 +136,23 @@ class Translator(ImageTranslator):
         """
         name = generator_name(direction)
         config, states = load_model(path, [name])
-        generator = build_generator(config)
+        generator = build_generator(config.replace(precision="fast" if fast else "exact"))
         try:
             generator.load_state_dict(states[name])
         except RuntimeError as exc:
             first_line = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"{path}: {name} does not fit its embedded config ({first_line})") from None
-        return cls(generator.to(device), config, direction, batch_size)
+        return cls(generator.to(device), config, direction, batch_size, fast)
 
     @property
     def device(self) -> torch.device:
         return next(self.generator.parameters()).device
 
     def _forward(self, inputs: torch.Tensor) -> tuple[list[Image.Image], torch.Tensor]:
-        with torch.inference_mode():
-            outputs, _, heatmaps = self.generator(inputs.to(self.device))
+        device = self.device
+        x = inputs.to(device, memory_format=self.memory_format)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.fast):
+            outputs, _, heatmaps = self.generator(x)
         return [to_image(y) for y in outputs.float().cpu()], heatmaps.float().cpu()
 
 
