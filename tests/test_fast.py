@@ -91,3 +91,18 @@ def test_fast_translator_matches_the_exact_one(tmp_path):
     for ref, out in zip(reference, fast(images), strict=True):
         diff = np.abs(np.asarray(ref, dtype=np.int16) - np.asarray(out, dtype=np.int16))
         assert diff.mean() <= 3.0, diff.mean()
+
+
+def test_cli_translate_fast(tmp_path):
+    from PIL import Image
+
+    from ugatit.checkpoint import save_model
+    from ugatit.cli import main
+
+    exact, _, _, _ = _pair()
+    save_model(tmp_path / "g.safetensors", {"genA2B": exact.nets["genA2B"].state_dict()}, BASE)
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(tmp_path / "in.png")
+    args = ["translate", str(tmp_path / "g.safetensors"), str(tmp_path / "in.png"), "--no-progress", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "out"), "--fast"]) == 0
+    assert Image.open(tmp_path / "out" / "in.png").size == (64, 64)
+    assert main([*args, "--out", str(tmp_path / "o2"), "--fast", "--backend", "onnxruntime"]) == 2

@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backend", default="torch", choices=["torch", "onnxruntime"], help="onnxruntime needs ugatit[onnx]"
     )
+    p.add_argument("--fast", action="store_true", help="torch backend: bf16, fused norms, channels_last")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_translate)
 
