@@ -84,7 +84,19 @@ def peak_memory_child(path: str, args: argparse.Namespace) -> None:
     if trainer.device.type == "cuda":
         print(torch.cuda.max_memory_allocated())
     else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        print(peak_rss())
+
+
+def peak_rss() -> int:
+    """This process's peak RSS. Linux's ru_maxrss survives fork + exec (a child would report its parent's peak);
+    VmHWM in /proc belongs to the new address space alone."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:
