@@ -33,13 +33,24 @@ def _check_folder(out: Path) -> None:
         raise FileExistsError(f"{out} exists and is not a quickstart folder; choose another --out")
 
 
-def _scores(translators: dict[str, Translator] | None, data: Path) -> dict[str, dict[str, float]]:
+TestSet = dict[str, tuple[list, list]]
+
+
+def _test_set(data: Path) -> TestSet:
+    """The test images and their shape masks of each direction's source domain, read once."""
+    test_set = {}
+    for name, source, _ in DIRECTIONS:
+        paths = list_images(data / f"test{source}")
+        masks = [load_mask(data / "masks" / f"test{source}" / p.name) for p in paths]
+        test_set[name] = ([load_rgb(p) for p in paths], masks)
+    return test_set
+
+
+def _scores(translators: dict[str, Translator] | None, test_set: TestSet) -> dict[str, dict[str, float]]:
     """Target-domain rate and shape IoU of each direction on the test images (`None`: the inputs themselves)."""
     scores = {}
     for name, source, target in DIRECTIONS:
-        paths = list_images(data / f"test{source}")
-        inputs = [load_rgb(p) for p in paths]
-        masks = [load_mask(data / "masks" / f"test{source}" / p.name) for p in paths]
+        inputs, masks = test_set[name]
         outputs = translators[name](inputs, original_size=True) if translators else inputs
         scores[name] = evaluate_translation(inputs, outputs, source, target, masks)
     return scores
@@ -114,7 +125,8 @@ def _quickstart(out: Path, config: Config, progress: bool, echo: Callable) -> di
     seconds: dict[str, float] = {}
     t0 = time.time()
     data = write_dataset(out / "data", size=config.img_size, n_train=N_TRAIN, n_test=N_TEST, seed=config.seed)
-    scores = {"input": _scores(None, data), "untrained": _scores(_untrained(config), data)}
+    test_set = _test_set(data)
+    scores = {"input": _scores(None, test_set), "untrained": _scores(_untrained(config), test_set)}
     echo(f"dataset ready in {out / 'data'}; training {config.iterations} steps")
 
     t1 = time.time()
@@ -122,7 +134,7 @@ def _quickstart(out: Path, config: Config, progress: bool, echo: Callable) -> di
     seconds["train"] = time.time() - t1
     step, checkpoint = list_checkpoints(out / "run")[-1]
     translators = {name: Translator.from_checkpoint(checkpoint, name) for name, _, _ in DIRECTIONS}
-    scores["trained"] = _scores(translators, data)
+    scores["trained"] = _scores(translators, test_set)
     for name, source, _ in DIRECTIONS:
         translate_files(
             translators[name], [str(data / f"test{source}")], out / "translated" / name,

@@ -411,6 +411,11 @@ def _train(
     def consumed() -> int:
         return start_consumed + (trainer.step - start_step) * per_step
 
+    def resume_state(rng: list[dict[str, Any]]) -> dict[str, Any]:
+        """What a checkpoint needs beside weights and optimizers: data positions, per-rank RNG, world size."""
+        data = {d: {"seed": seeds[d], "consumed": consumed()} for d in "AB"}
+        return {"data": data, "rng": rng, "world_size": info.world_size}
+
     batches = {
         d: _domain_batches(config, reports[f"train{d}"].good, seeds[d], consumed(), dev, f"train{d}", info)
         for d in "AB"
@@ -434,9 +439,7 @@ def _train(
                     writer.add_scalar(f"eval/{key}", value, trainer.step)
             if kid < best:
                 best = kid
-                data = {d: {"seed": seeds[d], "consumed": consumed()} for d in "AB"}
-                extra = {"data": data, "rng": [_rng_state(trainer.device)], "world_size": info.world_size}
-                save_checkpoint(trainer, run_dir, extra, name="best")
+                save_checkpoint(trainer, run_dir, resume_state([_rng_state(trainer.device)]), name="best")
                 _write_json(best_file, {"step": trainer.step, "kid": kid, **scores})
         distributed.barrier(info)
 
@@ -457,8 +460,7 @@ def _train(
     def checkpoint() -> None:
         rng = distributed.gather(info, _rng_state(trainer.device))
         if main:
-            data = {d: {"seed": seeds[d], "consumed": consumed()} for d in "AB"}
-            save_checkpoint(trainer, run_dir, {"data": data, "rng": rng, "world_size": info.world_size})
+            save_checkpoint(trainer, run_dir, resume_state(rng))
             _prune_checkpoints(run_dir, config.keep_last)
         distributed.barrier(info)
 
