@@ -137,9 +137,8 @@ def main() -> None:
 
     mode = "light" if args.light else "full"
     print(f"train step, {args.img_size} px, ch {args.ch}, n_res {args.n_res}, {mode}, batch {args.batch_size}")
-    print(
-        f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
-    )
+    cpu = platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, {cpu}")
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}")
     base = statistics.median(times[paths[0]])

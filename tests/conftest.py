@@ -24,3 +24,23 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def record_gradients():
+    """`record(trainer)` returns a dict that fills, at each optimizer step, with the gradients the step applies,
+    keyed "net.parameter": the trainer frees gradients right after each update."""
+
+    def record(trainer) -> dict[str, torch.Tensor]:
+        grads: dict[str, torch.Tensor] = {}
+        names = {p: f"{n}.{k}" for n, net in trainer.nets.items() for k, p in net.named_parameters()}
+
+        def keep(optimizer, args, kwargs):
+            for group in optimizer.param_groups:
+                grads.update({names[p]: p.grad.detach().clone() for p in group["params"] if p.grad is not None})
+
+        for optimizer in (trainer.opt_D, trainer.opt_G):
+            optimizer.register_step_pre_hook(keep)
+        return grads
+
+    return record

@@ -3,9 +3,10 @@
 Two tolerances. The fast kernels in fp32 (autocast off): one step's gradients match the exact path to a median
 relative error of 1e-5 per tensor; a few tensors fed by long sums (the AdaILN gamma/beta MLP) are ill-conditioned
 in fp32 and differ by up to ~3e-3, as the exact fp32 path itself differs from a float64 evaluation there, so the
-worst tensor is held to 1e-2. With bf16 autocast, outputs agree to a few percent and gradients to bf16 accuracy. Gradients through the
-1000-weighted CAM loss are sensitive: the exact formula under bf16 autocast already differs from fp32 by a median
-~7 % per tensor (up to ~70 % on the cancellation-dominated rho gradients), so the bf16 check is on the median.
+worst tensor is held to 1e-2. With bf16 autocast, outputs agree to a few percent and gradients to bf16 accuracy.
+Gradients through the 1000-weighted CAM loss are sensitive: the exact formula under bf16 autocast already differs
+from fp32 by a median ~7 % per tensor (up to ~70 % on the cancellation-dominated rho gradients), so the bf16 check
+is on the median.
 """
 
 import contextlib
@@ -31,21 +32,21 @@ def _pair():
     return exact, fast, a, b
 
 
-def _relative_grad_errors(exact, fast):
-    errors = {}
-    for name, net in exact.nets.items():
-        for (key, p), q in zip(net.named_parameters(), fast.nets[name].parameters(), strict=True):
-            errors[f"{name}.{key}"] = ((p.grad - q.grad.float()).norm() / (p.grad.norm() + 1e-12)).item()
-    return errors
+def _relative_grad_errors(exact_grads, fast_grads):
+    assert exact_grads.keys() == fast_grads.keys() and exact_grads
+    return {
+        key: ((ref - fast_grads[key].float()).norm() / (ref.norm() + 1e-12)).item() for key, ref in exact_grads.items()
+    }
 
 
-def test_fast_kernels_in_fp32_match_the_exact_step():
+def test_fast_kernels_in_fp32_match_the_exact_step(record_gradients):
     exact, fast, a, b = _pair()
+    exact_grads, fast_grads = record_gradients(exact), record_gradients(fast)
     fast.autocast = contextlib.nullcontext  # fused norms, channels_last, fused Adam; fp32 arithmetic
     exact_terms, fast_terms = exact.train_step(a, b), fast.train_step(a, b)
     assert fast_terms["g_loss"] == pytest.approx(exact_terms["g_loss"], rel=1e-5)
     assert fast_terms["d_loss"] == pytest.approx(exact_terms["d_loss"], rel=1e-5)
-    errors = _relative_grad_errors(exact, fast)
+    errors = _relative_grad_errors(exact_grads, fast_grads)
     assert statistics.median(errors.values()) <= 1e-5
     assert max(errors.values()) <= 1e-2, max(errors, key=errors.get)
     assert fast.nets["genA2B"].DownBlock[1].weight.is_contiguous(memory_format=torch.channels_last)
@@ -64,14 +65,15 @@ def test_bf16_outputs_match_the_exact_path():
             assert ((ref - out.float()).norm() / ref.norm()).item() <= 0.03, name
 
 
-def test_bf16_step_gradients_match_to_bf16_accuracy():
+def test_bf16_step_gradients_match_to_bf16_accuracy(record_gradients):
     exact, fast, a, b = _pair()
+    exact_grads, fast_grads = record_gradients(exact), record_gradients(fast)
     exact_terms, fast_terms = exact.train_step(a, b), fast.train_step(a, b)
     assert fast_terms["g_loss"] == pytest.approx(exact_terms["g_loss"], rel=0.01)
     assert fast_terms["d_loss"] == pytest.approx(exact_terms["d_loss"], rel=0.01)
-    errors = _relative_grad_errors(exact, fast)
+    errors = _relative_grad_errors(exact_grads, fast_grads)
     assert statistics.median(errors.values()) <= 0.3
-    assert all(torch.isfinite(p.grad).all() for net in fast.nets.values() for p in net.parameters())
+    assert all(torch.isfinite(grad).all() for grad in fast_grads.values())
 
 
 def test_fast_translator_matches_the_exact_one(tmp_path):
@@ -106,3 +108,38 @@ def test_cli_translate_fast(tmp_path):
     assert main([*args, "--out", str(tmp_path / "out"), "--fast"]) == 0
     assert Image.open(tmp_path / "out" / "in.png").size == (64, 64)
     assert main([*args, "--out", str(tmp_path / "o2"), "--fast", "--backend", "onnxruntime"]) == 2
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_fast_discriminator_matches_the_exact_one_in_fp32(channels_last, training):
+    """Output scaling and the fused spectral-norm products (`_fast_conv`) against W / sigma: outputs, input and
+    weight gradients, and the power iteration's u, v, over two calls (as in a D update)."""
+    from ugatit.models import Discriminator
+
+    torch.manual_seed(0)
+    exact = Discriminator(8, 5).train(training)
+    fast = Discriminator(8, 5, fast=True).train(training)
+    fast.load_state_dict(exact.state_dict())
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    fast.to(memory_format=layout)
+    # 64 px: every layer takes the convolution branch; 40 px: the stride-1 conv (64 filters, 2 x 3 x 3 outputs)
+    # and the 1x1 conv take the matrix-product branch.
+    for size in (40, 64):
+        for seed in (1, 2):
+            x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+            x_exact, x_fast = x.clone().requires_grad_(), x.clone().to(memory_format=layout).requires_grad_()
+            out_exact, out_fast = exact(x_exact), fast(x_fast)
+            sum(o.square().sum() for o in out_exact).backward()
+            sum(o.square().sum() for o in out_fast).backward()
+            for a, b in zip(out_exact, out_fast, strict=True):
+                assert _relative(a, b) <= 1e-5
+            assert _relative(x_exact.grad, x_fast.grad) <= 1e-5
+    for (key, p), q in zip(exact.named_parameters(), fast.parameters(), strict=True):
+        assert _relative(p.grad, q.grad) <= 1e-5, key
+    for (key, a), b in zip(exact.state_dict().items(), fast.state_dict().values(), strict=True):
+        assert _relative(a, b) <= 1e-5, key
+
+
+def _relative(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return ((reference - other).norm() / reference.norm()).item()

@@ -113,11 +113,7 @@ def test_learning_rate_equals_official_repeated_subtraction():
         assert learning_rate(config, step) == pytest.approx(lr, abs=1e-12)
 
 
-def _grads(trainer):
-    return {f"{n}.{k}": p.grad.clone() for n, net in trainer.nets.items() for k, p in net.named_parameters()}
-
-
-def test_batch_of_two_equals_mean_of_two_single_batches():
+def test_batch_of_two_equals_mean_of_two_single_batches(record_gradients):
     """All losses are means and all norms per sample, so a batch's gradient is the mean of the samples' ones."""
     torch.manual_seed(0)
     config = _tiny_config(lr=0.0, weight_decay=0.0)
@@ -127,8 +123,8 @@ def test_batch_of_two_equals_mean_of_two_single_batches():
     grads = []
     for real_A, real_B in ((a, b), (a[:1], b[:1]), (a[1:], b[1:])):
         trainer = Trainer(config, nets=copy.deepcopy(start.nets))
+        grads.append(record_gradients(trainer))
         trainer.train_step(real_A, real_B)
-        grads.append(_grads(trainer))
     batch, first, second = grads
     for key, value in batch.items():
         mean = (first[key] + second[key]) / 2
@@ -149,21 +145,23 @@ def test_train_step_returns_every_term_and_changes_weights():
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_generator_update_leaves_discriminator_gradients_alone():
-    """After a step, the D gradients are exactly those of the D loss: the G update's backward adds nothing."""
+def test_generator_update_leaves_discriminator_gradients_alone(record_gradients):
+    """The D gradients are exactly those of the D loss, and the G update's backward adds none to them."""
     torch.manual_seed(0)
     config = _tiny_config(lr=0.0)
     trainer = Trainer(config)
     copy_nets = copy.deepcopy(trainer.nets)
     real_A, real_B = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    grads = record_gradients(trainer)
     trainer.train_step(real_A, real_B)
+    assert all(p.grad is None for net in trainer.nets.values() for p in net.parameters())
 
     fake_A2B = copy_nets["genA2B"](real_A)[0].detach()
     fake_B2A = copy_nets["genB2A"](real_B)[0].detach()
     discriminator_losses(copy_nets, real_A, real_B, fake_A2B, fake_B2A, config)["d_loss"].backward()
     for name in ("disGA", "disLB"):
-        for (key, p), q in zip(trainer.nets[name].named_parameters(), copy_nets[name].parameters(), strict=True):
-            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), f"{name}.{key}"
+        for (key, _), q in zip(trainer.nets[name].named_parameters(), copy_nets[name].parameters(), strict=True):
+            assert torch.allclose(grads[f"{name}.{key}"], q.grad, rtol=1e-5, atol=1e-7), f"{name}.{key}"
         assert all(p.requires_grad for p in trainer.nets[name].parameters())
 
 

@@ -23,7 +23,8 @@ from .inception import InceptionWeightsError
 
 # ImportError: an optional extra that is not installed (the message names the pip command).
 USER_ERRORS = (
-    InceptionWeightsError, CheckpointError, ConfigError, DataError, BadImageError, ExportError, FileExistsError, FileNotFoundError, ImportError,
+    InceptionWeightsError, CheckpointError, ConfigError, DataError, BadImageError, ExportError,
+    FileExistsError, FileNotFoundError, ImportError,
 )  # fmt: skip
 
 

@@ -57,7 +57,8 @@ it is no faster than the fused path overall (training: within noise in three fp3
 up to 2x slower in the others; forward only: faster in two small bf16 cases), does not speed up the InstanceNorm
 backward, needs a C++ compiler at run time, compiles each new shape / dtype / grad-mode / autocast
 combination (seconds each once cached, ~15-45 s cold here), and silently falls back to eager after 8 recompiles of
-one function (dynamo's recompile limit: the norm is called at several shapes per network). The fused path is the default.
+one function (dynamo's recompile limit: the norm is called at several shapes per network). The fused path is the
+default.
 
 Also found: on this CPU build `F.instance_norm` / `nn.InstanceNorm2d` return a wrong input gradient for a batch-1
 channels_last input with a channels_last upstream gradient (forward is right; batch > 1 is right);

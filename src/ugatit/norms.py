@@ -7,9 +7,12 @@ one and run with the other give visibly different images.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
 from .fused import instance_layer_norm_fused, instance_norm_fused
@@ -89,6 +92,27 @@ def clip_rho(module: nn.Module) -> None:
             sub.rho.clamp_(0.0, 1.0)
 
 
+def weight_matrix(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight as an (out, fan_in) matrix read in place, and where its columns sit in v's (in, kh, kw) order.
+
+    A channels_last conv weight is read as (out, kh * kw * in) rows: flattening it to v's layout would copy the
+    whole weight at every call. The index is None when the columns are already in v's order.
+    """
+    if weight.dim() == 4 and not weight.is_contiguous():
+        out_ch, in_ch, kh, kw = weight.shape
+        order = torch.arange(in_ch * kh * kw, device=weight.device).view(in_ch, kh, kw).permute(1, 2, 0).reshape(-1)
+        return weight.permute(0, 2, 3, 1).reshape(out_ch, -1), order
+    return weight.flatten(1), None
+
+
+def autocast_off(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for tensor's device: sigma, the power iteration and weight-bound products stay in fp32."""
+    device = tensor.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=False)
+    return contextlib.nullcontext()
+
+
 class SpectralNorm(nn.Module):
     """Spectral-norm parametrization with the power-iteration order of the official checkpoints.
 
@@ -107,29 +131,91 @@ class SpectralNorm(nn.Module):
         self.register_buffer("_v", F.normalize(weight.new_empty(cols).normal_(0, 1), dim=0, eps=eps))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        device = weight.device.type
-        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):  # sigma and u, v stay fp32
-            with torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=False):
-                return self._normalise(weight)
-        return self._normalise(weight)
+        return weight / self.sigma(weight)
 
-    def _normalise(self, weight: torch.Tensor) -> torch.Tensor:
-        weight_mat = weight.flatten(1)
-        if self.training:
-            with torch.no_grad():
+    def sigma(self, weight: torch.Tensor) -> torch.Tensor:
+        """u^T W v after this call's power iteration (training mode only): differentiable in W, with u, v held."""
+        with autocast_off(weight):
+            weight_mat, order = weight_matrix(weight)
+            v = self._next_v(weight_mat, order)
+            if self.training:
+                with torch.no_grad():
+                    F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps, out=self._u)
+            # A clone: a second call must not change the u that the first call's backward still needs.
+            u = self._u.clone(memory_format=torch.contiguous_format)
+            return torch.dot(u, torch.mv(weight_mat, v))
+
+    def matmul(self, cols: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """cols @ (W / sigma)^T with this call's power iteration: `sigma` and a product with W fused, so that W is
+        read twice per call instead of four times and its gradient written once (`_SpectralMatmul`)."""
+        with autocast_off(weight):
+            v = self._next_v(*weight_matrix(weight))
+            return _SpectralMatmul.apply(cols.float(), weight, v, self._u, self.training, self.eps)
+
+    @torch.no_grad()
+    def _next_v(self, weight_mat: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+        """v in weight_mat's column order, after v <- normalize(W^T u) in training mode; a copy of the buffer."""
+        if order is None:
+            if self.training:
                 F.normalize(torch.mv(weight_mat.t(), self._u), dim=0, eps=self.eps, out=self._v)
-                F.normalize(torch.mv(weight_mat, self._v), dim=0, eps=self.eps, out=self._u)
-        # Clones: a second call must not change vectors that the first call's backward still needs.
-        u = self._u.clone(memory_format=torch.contiguous_format)
-        v = self._v.clone(memory_format=torch.contiguous_format)
-        sigma = torch.dot(u, torch.mv(weight_mat, v))
-        return weight / sigma
+            return self._v.clone(memory_format=torch.contiguous_format)
+        if not self.training:
+            return self._v[order]
+        v = F.normalize(torch.mv(weight_mat.t(), self._u), dim=0, eps=self.eps)
+        self._v[order] = v
+        return v
+
+
+class _SpectralMatmul(torch.autograd.Function):
+    """y = cols @ W^T / sigma, sigma = u^T W v (u, v held constant), with the u update of the power iteration.
+
+    Forward: one product W [cols; v]^T gives both cols @ W^T and W v, hence u <- normalize(W v) and sigma.
+    Backward: with gz = gy / sigma and dsigma = -sum(gy * cols @ W^T) / sigma^2, grad W = gz^T cols + dsigma u v^T
+    is one product [gz; dsigma u]^T [cols; v], written straight into a tensor of W's layout (autograd then adopts
+    it as W's gradient instead of copying it), and grad cols = gz W. The products are arranged in the orders that
+    run fastest for these wide matrices (W @ X rather than X @ W^T: 1.7x).
+    """
+
+    @staticmethod
+    def forward(ctx, cols, weight, v, u_buffer, training: bool, eps: float):
+        weight_mat = weight_matrix(weight)[0]
+        both = weight_mat @ torch.cat([cols, v[None]]).t()
+        z, wv = both[:, :-1].t(), both[:, -1]
+        if training:
+            F.normalize(wv, dim=0, eps=eps, out=u_buffer)
+        u = u_buffer.clone()
+        sigma = torch.dot(u, wv)
+        ctx.save_for_backward(cols, weight, v, u, z, sigma)
+        return z / sigma
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        cols, weight, v, u, z, sigma = ctx.saved_tensors
+        gz = gy / sigma
+        grad_cols = gz @ weight_matrix(weight)[0] if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            dsigma = -(gy * z).sum() / sigma**2
+            grad_weight = torch.empty_like(weight)  # contiguous or channels_last, like W: its matrix is a view
+            torch.mm(
+                torch.cat([gz, (dsigma * u)[None]]).t(), torch.cat([cols, v[None]]), out=weight_matrix(grad_weight)[0]
+            )
+        return grad_cols, grad_weight, None, None, None, None
 
 
 def spectral_norm(module: nn.Module) -> nn.Module:
     """Register `SpectralNorm` on `module.weight` (one power iteration per training-mode call)."""
     parametrize.register_parametrization(module, "weight", SpectralNorm(module.weight.detach()))
     return module
+
+
+def spectral_parts(module: nn.Module) -> tuple[SpectralNorm, torch.Tensor] | None:
+    """The spectral norm of a spectral-normalised module and its raw weight (None for other modules): the fast
+    discriminator divides its small outputs by sigma instead of dividing the weight."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return module.parametrizations.weight[0], module.parametrizations.weight.original
 
 
 def raw_weight(module: nn.Module) -> torch.Tensor:

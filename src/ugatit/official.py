@@ -140,7 +140,8 @@ def official_to_ours(
             want = tuple(expected[name][key].shape)
             if tuple(value.shape) != want:
                 raise CheckpointError(
-                    f"{name}.{_to_official(key)} has shape {tuple(value.shape)}, expected {want} for {_describe(config)}"
+                    f"{name}.{_to_official(key)} has shape {tuple(value.shape)}, "
+                    f"expected {want} for {_describe(config)}"
                 )
         ours[name] = {k: v.to(torch.float32).contiguous() for k, v in converted.items()}
     return ours
