@@ -143,3 +143,17 @@ def test_fast_discriminator_matches_the_exact_one_in_fp32(channels_last, trainin
 
 def _relative(reference: torch.Tensor, other: torch.Tensor) -> float:
     return ((reference - other).norm() / reference.norm()).item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_compiled_training_steps(precision):
+    """`--compile`: discriminators run twice before one backward, so the spectral norms' saved vectors must survive
+    the second call's power iteration also in compiled graphs (they did not, before sigma ran eagerly)."""
+    torch.manual_seed(0)
+    trainer = Trainer(BASE.replace(precision=precision, compile=True, lr=1e-4))
+    a, b = (torch.rand(1, 3, 64, 64) * 2 - 1 for _ in range(2))
+    for _ in range(2):
+        terms = trainer.train_step(a, b)
+    assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
+    assert trainer.step == 2 and trainer.skipped == {"D": 0, "G": 0}

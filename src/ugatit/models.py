@@ -172,6 +172,7 @@ def _windows(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor
     return windows.reshape(-1, windows[0, 0, 0].numel())
 
 
+@torch.compiler.disable  # memory-bound: nothing for a compiler to fuse, and per-layer shapes would recompile it
 def _fast_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x, W / sigma) + b computed as conv(x, W) / sigma + b, as a matrix product when the output is small.
 
@@ -196,7 +197,7 @@ def _fast_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         y = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         if spectral:
             y = y / spectral[0].sigma(weight)
-    return y if conv.bias is None else y + conv.bias[:, None, None]
+    return y if conv.bias is None else y + conv.bias.to(y.dtype)[:, None, None]  # bf16 stays bf16
 
 
 class Discriminator(nn.Module):

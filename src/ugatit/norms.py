@@ -133,43 +133,54 @@ class SpectralNorm(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight / self.sigma(weight)
 
+    # Eager under torch.compile: compiled graphs save the u buffer itself for the backward (it equals the fresh u),
+    # and the next call's update then invalidates it (discriminators are called twice before one backward).
+    @torch.compiler.disable
     def sigma(self, weight: torch.Tensor) -> torch.Tensor:
         """u^T W v after this call's power iteration (training mode only): differentiable in W, with u, v held."""
         with autocast_off(weight):
             weight_mat, order = weight_matrix(weight)
             v = self._next_v(weight_mat, order)
+            # u and v are fresh tensors, not the buffers: the next call's update must not change vectors that this
+            # call's backward still needs (nor may a compiler fold them into the buffers).
             if self.training:
                 with torch.no_grad():
-                    F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps, out=self._u)
-            # A clone: a second call must not change the u that the first call's backward still needs.
-            u = self._u.clone(memory_format=torch.contiguous_format)
+                    u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps)
+                    self._u.copy_(u)
+            else:
+                u = self._u.clone(memory_format=torch.contiguous_format)
             return torch.dot(u, torch.mv(weight_mat, v))
 
+    @torch.compiler.disable
     def matmul(self, cols: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """cols @ (W / sigma)^T with this call's power iteration: `sigma` and a product with W fused, so that W is
         read twice per call instead of four times and its gradient written once (`_SpectralMatmul`)."""
         with autocast_off(weight):
             v = self._next_v(*weight_matrix(weight))
-            return _SpectralMatmul.apply(cols.float(), weight, v, self._u, self.training, self.eps)
+            y, u = _SpectralMatmul.apply(cols.float(), weight, v, self._u, self.training, self.eps)
+            if self.training:
+                with torch.no_grad():
+                    self._u.copy_(u)
+            return y
 
     @torch.no_grad()
     def _next_v(self, weight_mat: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
         """v in weight_mat's column order, after v <- normalize(W^T u) in training mode; a copy of the buffer."""
-        if order is None:
-            if self.training:
-                F.normalize(torch.mv(weight_mat.t(), self._u), dim=0, eps=self.eps, out=self._v)
-            return self._v.clone(memory_format=torch.contiguous_format)
         if not self.training:
-            return self._v[order]
+            return self._v.clone(memory_format=torch.contiguous_format) if order is None else self._v[order]
         v = F.normalize(torch.mv(weight_mat.t(), self._u), dim=0, eps=self.eps)
-        self._v[order] = v
+        if order is None:
+            self._v.copy_(v)
+        else:
+            self._v[order] = v
         return v
 
 
 class _SpectralMatmul(torch.autograd.Function):
     """y = cols @ W^T / sigma, sigma = u^T W v (u, v held constant), with the u update of the power iteration.
 
-    Forward: one product W [cols; v]^T gives both cols @ W^T and W v, hence u <- normalize(W v) and sigma.
+    Forward: one product W [cols; v]^T gives both cols @ W^T and W v, hence the new u = normalize(W v) (returned
+    for the caller to store) and sigma.
     Backward: with gz = gy / sigma and dsigma = -sum(gy * cols @ W^T) / sigma^2, grad W = gz^T cols + dsigma u v^T
     is one product [gz; dsigma u]^T [cols; v], written straight into a tensor of W's layout (autograd then adopts
     it as W's gradient instead of copying it), and grad cols = gz W. The products are arranged in the orders that
@@ -177,20 +188,19 @@ class _SpectralMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cols, weight, v, u_buffer, training: bool, eps: float):
+    def forward(ctx, cols, weight, v, u, training: bool, eps: float):
         weight_mat = weight_matrix(weight)[0]
         both = weight_mat @ torch.cat([cols, v[None]]).t()
         z, wv = both[:, :-1].t(), both[:, -1]
-        if training:
-            F.normalize(wv, dim=0, eps=eps, out=u_buffer)
-        u = u_buffer.clone()
+        u = F.normalize(wv, dim=0, eps=eps) if training else u.clone()
         sigma = torch.dot(u, wv)
         ctx.save_for_backward(cols, weight, v, u, z, sigma)
-        return z / sigma
+        ctx.mark_non_differentiable(u)
+        return z / sigma, u
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gy):
+    def backward(ctx, gy, _):
         cols, weight, v, u, z, sigma = ctx.saved_tensors
         gz = gy / sigma
         grad_cols = gz @ weight_matrix(weight)[0] if ctx.needs_input_grad[0] else None
