@@ -67,6 +67,11 @@ class Config:
     def betas(self) -> tuple[float, float]:
         return (self.beta1, self.beta2)
 
+    @property
+    def fast(self) -> bool:
+        """The fast path: bf16 autocast, fused kernels, channels_last; else the exact fp32 path."""
+        return self.precision == "fast"
+
     def validate(self) -> None:
         """Refuse settings that would fail deep inside a forward pass, with the value to use instead."""
         for name in ("img_size", "ch", "n_res", "iterations", "batch_size"):

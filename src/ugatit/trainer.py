@@ -41,7 +41,7 @@ def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
 def _adam(params: Iterator[nn.Parameter], config: Config) -> torch.optim.Adam:
     # The exact path keeps PyTorch's default implementation, whose rounding the parity fixture was made with;
     # the fast path uses the fused kernel (one pass over all parameters, same update up to the last bits).
-    fused = {"fused": True} if config.precision == "fast" else {}
+    fused = {"fused": True} if config.fast else {}
     return torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, **fused)
 
 
@@ -58,7 +58,7 @@ class Trainer:
     ):
         self.config = config
         self.device = torch.device(device)
-        self.fast = config.precision == "fast"
+        self.fast = config.fast
         # channels_last activations and generator weights let the CPU (oneDNN) and GPU (cuDNN) convolutions skip
         # their layout conversions. The discriminators' weights stay contiguous: their big layers run as matrix
         # products (models._fast_conv), and fused Adam would copy a channels_last tensor at every step.
