@@ -9,6 +9,8 @@ and their relative difference, and writes every step's terms to --out (JSON line
 
 from __future__ import annotations
 
+import ugatit  # noqa: F401  # isort: skip  (first: it turns on huge pages before torch allocates anything)
+
 import argparse
 import json
 import time

@@ -12,6 +12,8 @@ CUDA), so that each figure belongs to one path alone. "official" restates the of
 
 from __future__ import annotations
 
+import ugatit  # noqa: F401  # isort: skip  (first: it turns on huge pages before torch allocates anything)
+
 import argparse
 import itertools
 import json

@@ -10,6 +10,8 @@ does not depend on them), alternating the backends in one process. ONNX Runtime 
 
 from __future__ import annotations
 
+import ugatit  # noqa: F401  # isort: skip  (first: it turns on huge pages before torch allocates anything)
+
 import argparse
 import itertools
 import platform

@@ -14,8 +14,10 @@ import statistics
 
 import pytest
 import torch
+from torch import nn
 
 from ugatit.config import Config
+from ugatit.models import ReflectionPad2d, build_networks
 from ugatit.trainer import Trainer
 
 BASE = Config(img_size=64, ch=8, n_res=2, light=True, global_layers=5, local_layers=4, lr=0.0, weight_decay=0.0)
@@ -157,3 +159,15 @@ def test_compiled_training_steps(precision):
         terms = trainer.train_step(a, b)
     assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
     assert trainer.step == 2 and trainer.skipped == {"D": 0, "G": 0}
+
+
+def test_reflection_padding_stays_in_bf16_under_autocast():
+    """CPU autocast runs reflection padding in fp32 (a cast up, and a cast down at the next conv); ours pads in the
+    input's dtype, with the same values, and is the only padding in the networks."""
+    x = torch.randn(1, 4, 6, 6).to(torch.bfloat16, memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = ReflectionPad2d(2)(x)
+    assert ours.dtype == torch.bfloat16 and ours.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ours.float(), nn.ReflectionPad2d(2)(x.float()))
+    pads = [m for net in build_networks(BASE).values() for m in net.modules() if isinstance(m, nn.ReflectionPad2d)]
+    assert pads and all(type(m) is ReflectionPad2d for m in pads)

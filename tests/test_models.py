@@ -208,3 +208,20 @@ def test_update_with_non_finite_gradient_is_skipped_not_applied():
     terms = trainer.train_step(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
     assert terms["skipped_G"] == 0.0
     assert all(torch.isfinite(p).all() for net in trainer.nets.values() for p in net.parameters())
+
+
+def test_discriminators_update_per_domain_and_skip_only_the_domain_with_non_finite_gradients():
+    torch.manual_seed(0)
+    trainer = Trainer(_tiny_config())
+    weight = trainer.nets["disLB"].conv1x1.weight
+    handle = weight.register_hook(lambda grad: grad * float("nan"))
+    before = {n: copy.deepcopy(net.state_dict()) for n, net in trainer.nets.items()}
+    terms = trainer.train_step(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
+    handle.remove()
+    assert terms["skipped_D"] == 1.0 and trainer.skipped == {"D": 1, "G": 0}
+    for name in ("disGB", "disLB"):  # domain B's update was left out as a whole (power iterations still ran)
+        after = trainer.nets[name].state_dict()
+        assert all(torch.equal(before[name][k], v) for k, v in after.items() if not k.endswith(("._u", "._v")))
+    for name in ("disGA", "disLA"):  # domain A's went ahead
+        assert not torch.equal(before[name]["conv1x1.weight"], trainer.nets[name].conv1x1.weight)
+    assert all(torch.isfinite(p).all() for net in trainer.nets.values() for p in net.parameters())

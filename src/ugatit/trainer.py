@@ -3,7 +3,9 @@
 `Trainer.train_step` is the official update (UGATIT_SPEC.md section 2) with two savings that leave every number
 unchanged: the two translations of the real batches are computed once and shared by the discriminator update
 (detached) and the generator update (6 generator passes per step instead of 8, and no backward through the
-generators in the D update), and the discriminators' weight gradients are not computed in the G update.
+generators in the D update), and the discriminators' weight gradients are not computed in the G update. The
+discriminator update runs per domain (backward, then Adam on that domain's two discriminators), which halves the
+gradient memory at its peak and changes no number either.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def _adam(params: Iterator[nn.Parameter], config: Config) -> torch.optim.Adam:
 
 class Trainer:
     """Owns the networks (keyed by their official names) and the optimizers; `step` counts completed steps and
-    `skipped` the updates left out because their gradients were not finite."""
+    `skipped` the updates left out because their gradients were not finite (the discriminators of each domain
+    update separately, so a step counts 0, 1 or 2 under "D")."""
 
     def __init__(
         self,
@@ -112,8 +115,13 @@ class Trainer:
             fake_A2B, cam_A2B, _ = nets["genA2B"](real_A)
             fake_B2A, cam_B2A, _ = nets["genB2A"](real_B)
             d_terms = discriminator_losses(d_nets, real_A, real_B, fake_A2B.detach(), fake_B2A.detach(), config)
-        d_terms["d_loss"].backward()
-        d_ok = self._apply(self.opt_D, "D")
+        # Each domain's loss reaches only its own two discriminators, so backward and update run per domain: the
+        # same gradients and the same per-parameter Adam updates (Adam passes over parameters without a gradient),
+        # with half the discriminator gradients alive at once. Domain A's graph is gone before B's backward.
+        d_ok = True
+        for domain in "AB":
+            d_terms[f"D_loss_{domain}"].backward()
+            d_ok &= self._apply(self.opt_D, "D")
 
         self._set_discriminators_trainable(False)
         try:
