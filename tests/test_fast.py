@@ -112,11 +112,13 @@ def test_cli_translate_fast(tmp_path):
     assert main([*args, "--out", str(tmp_path / "o2"), "--fast", "--backend", "onnxruntime"]) == 2
 
 
+@pytest.mark.parametrize("calls", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_fast_discriminator_matches_the_exact_one_in_fp32(channels_last, training):
+def test_fast_discriminator_matches_the_exact_one_in_fp32(channels_last, training, calls):
     """Output scaling and the fused spectral-norm products (`_fast_conv`) against W / sigma: outputs, input and
-    weight gradients, and the power iteration's u, v, over two calls (as in a D update)."""
+    weight gradients, and the power iteration's u, v, over two calls (as in a D update). With `calls=2` the fast
+    discriminator takes both batches in one call, which must equal the two consecutive calls."""
     from ugatit.models import Discriminator
 
     torch.manual_seed(0)
@@ -125,17 +127,24 @@ def test_fast_discriminator_matches_the_exact_one_in_fp32(channels_last, trainin
     fast.load_state_dict(exact.state_dict())
     layout = torch.channels_last if channels_last else torch.contiguous_format
     fast.to(memory_format=layout)
-    # 64 px: every layer takes the convolution branch; 40 px: the stride-1 conv (64 filters, 2 x 3 x 3 outputs)
-    # and the 1x1 conv take the matrix-product branch.
+    # 64 px: every layer takes the convolution branch; 40 px: the stride-1 conv (64 filters, 2 x 3 x 3 outputs,
+    # 4 x 3 x 3 for two calls in one) and the 1x1 conv take the matrix-product branch.
     for size in (40, 64):
-        for seed in (1, 2):
-            x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
-            x_exact, x_fast = x.clone().requires_grad_(), x.clone().to(memory_format=layout).requires_grad_()
-            out_exact, out_fast = exact(x_exact), fast(x_fast)
+        xs = [torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+        xs_exact = [x.clone().requires_grad_() for x in xs]
+        xs_fast = [x.clone().to(memory_format=layout).requires_grad_() for x in xs]
+        outs_exact = [exact(x) for x in xs_exact]
+        if calls == 1:
+            outs_fast = [fast(x) for x in xs_fast]
+        else:
+            outs_fast = [out.split(2) for out in fast(torch.cat(xs_fast), calls=2)]
+            outs_fast = list(zip(*outs_fast, strict=True))
+        for out_exact, out_fast in zip(outs_exact, outs_fast, strict=True):
             sum(o.square().sum() for o in out_exact).backward()
-            sum(o.square().sum() for o in out_fast).backward()
+            sum(o.square().sum() for o in out_fast).backward(retain_graph=True)
             for a, b in zip(out_exact, out_fast, strict=True):
                 assert _relative(a, b) <= 1e-5
+        for x_exact, x_fast in zip(xs_exact, xs_fast, strict=True):
             assert _relative(x_exact.grad, x_fast.grad) <= 1e-5
     for (key, p), q in zip(exact.named_parameters(), fast.parameters(), strict=True):
         assert _relative(p.grad, q.grad) <= 1e-5, key

@@ -50,17 +50,27 @@ def discriminator_losses(
     fake_A2B: torch.Tensor,
     fake_B2A: torch.Tensor,
     config: Config,
+    batched: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Each discriminator scores its domain's real images as 1 and the translations into it as 0.
 
     Both the patch logits and the CAM logits are trained as LSGAN outputs, weighted by adv_weight. Every
     discriminator is called on the real batch, then on the fake one: each training-mode call advances its
-    spectral-norm power iteration, so the calls are part of the official numbers.
+    spectral-norm power iteration, so the calls are part of the official numbers. `batched` (fast discriminators)
+    makes both calls one (`Discriminator.forward(x, calls=2)`): the same function, the weights read once.
     """
     real = {"A": real_A, "B": real_B}
     fake = {"A": fake_B2A, "B": fake_A2B}
-    real_out = {name: nets[f"dis{name}"](real[domain]) for name, domain in _DISCS}
-    fake_out = {name: nets[f"dis{name}"](fake[domain]) for name, domain in _DISCS}
+    if batched and real_A.shape[0] == fake_B2A.shape[0] and real_B.shape[0] == fake_A2B.shape[0]:
+        both = {
+            name: nets[f"dis{name}"](torch.cat([real[domain], fake[domain].to(real[domain].dtype)]), calls=2)
+            for name, domain in _DISCS
+        }
+        real_out = {name: tuple(t.chunk(2)[0] for t in out) for name, out in both.items()}
+        fake_out = {name: tuple(t.chunk(2)[1] for t in out) for name, out in both.items()}
+    else:
+        real_out = {name: nets[f"dis{name}"](real[domain]) for name, domain in _DISCS}
+        fake_out = {name: nets[f"dis{name}"](fake[domain]) for name, domain in _DISCS}
     terms: dict[str, torch.Tensor] = {}
     for name, _ in _DISCS:
         (real_logit, real_cam, _), (fake_logit, fake_cam, _) = real_out[name], fake_out[name]

@@ -8,6 +8,9 @@ branches), heatmap the channel sum of the attended feature map.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,7 +21,11 @@ from .norms import ILN, AdaILN, InstanceNorm, autocast_off, raw_weight, spectral
 
 
 def class_activation(
-    x: torch.Tensor, gap_fc: nn.Linear, gmp_fc: nn.Linear, gap_weight: torch.Tensor, gmp_weight: torch.Tensor
+    x: torch.Tensor,
+    gap_fc: Callable[[torch.Tensor], torch.Tensor],
+    gmp_fc: Callable[[torch.Tensor], torch.Tensor],
+    gap_weight: torch.Tensor,
+    gmp_weight: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The CAM block: logits from pooled features, and the feature map re-weighted by each classifier's weight.
 
@@ -185,15 +192,20 @@ def _windows(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor
     return windows.reshape(-1, windows[0, 0, 0].numel())
 
 
+def _per_call(sigmas: torch.Tensor, batch: int) -> torch.Tensor:
+    """Each call's sigma repeated over its share of the batch, as a (batch, 1, 1, 1) divisor."""
+    return sigmas.repeat_interleave(batch // sigmas.numel()).view(-1, 1, 1, 1)
+
+
 @torch.compiler.disable  # memory-bound: nothing for a compiler to fuse, and per-layer shapes would recompile it
-def _fast_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def _fast_conv(conv: nn.Conv2d, x: torch.Tensor, calls: int = 1) -> torch.Tensor:
     """conv(x, W / sigma) + b computed as conv(x, W) / sigma + b, as a matrix product when the output is small.
 
     The discriminators' deep layers are memory-bound: at 128 px the global one's 2048 x 1024 x 4 x 4 conv has
     3 x 3 outputs. Dividing the output instead of the weight, and one fp32 product with the power iteration fused
     in (`SpectralNorm.matmul`), read and write the weight fewer times; the CPU convolution kernels (bf16,
     channels_last) were 1.5-4.5x slower than this fp32 product on these shapes, forward + backward. Larger outputs
-    go to the convolution kernels.
+    go to the convolution kernels. x holds `calls` consecutive calls (see `Discriminator.forward`).
     """
     spectral = spectral_parts(conv)
     weight = spectral[1] if spectral else conv.weight
@@ -205,13 +217,24 @@ def _fast_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if plain and dense and batch * out_h * out_w <= weight.shape[0]:
         cols = _windows(x, weight, stride)
         with autocast_off(x):
-            y = spectral[0].matmul(cols, weight) if spectral else (weight_matrix(weight)[0] @ cols.float().t()).t()
+            if spectral:
+                y = spectral[0].matmul(cols, weight, calls)
+            else:
+                y = (weight_matrix(weight)[0] @ cols.float().t()).t()
         y = y.reshape(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
     else:
         y = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         if spectral:
-            y = y / spectral[0].sigma(weight)
+            y = y / _per_call(spectral[0].sigma(weight, calls), batch)
     return y if conv.bias is None else y + conv.bias.to(y.dtype)[:, None, None]  # bf16 stays bf16
+
+
+def _fast_linear(linear: nn.Linear, x: torch.Tensor, calls: int = 1) -> torch.Tensor:
+    """The spectral-normalised CAM classifier as x W^T / sigma, with one power iteration per call in x."""
+    spectral = spectral_parts(linear)
+    if not spectral:
+        return linear(x)
+    return F.linear(x, spectral[1]) / _per_call(spectral[0].sigma(spectral[1], calls), x.shape[0]).view(-1, 1)
 
 
 class Discriminator(nn.Module):
@@ -252,17 +275,25 @@ class Discriminator(nn.Module):
         self.conv = spectral_norm(nn.Conv2d(dim, 1, 4, 1, 0, bias=False))
         self.model = nn.Sequential(*layers)
 
-    def _conv(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        return _fast_conv(conv, x) if self.fast else conv(x)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, calls: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`calls` > 1 (fast only): x stacks that many equal batches, and the result is that of as many
+        consecutive calls, each advancing the spectral norms' power iterations once. The D update scores the real
+        and the fake batch in one call this way: one pass over the weights and one gradient for both."""
+        if calls != 1 and not self.fast:
+            raise ValueError("calls > 1 needs a fast discriminator")
+        if x.shape[0] % calls:
+            raise ValueError(f"batch of {x.shape[0]} does not split into {calls} calls")
+        conv = functools.partial(_fast_conv, calls=calls) if self.fast else lambda layer, y: layer(y)
         for layer in self.model:
-            x = self._conv(layer, x) if isinstance(layer, nn.Conv2d) else layer(x)
+            x = conv(layer, x) if isinstance(layer, nn.Conv2d) else layer(x)
         # The official code re-weights with the un-normalised weight (`weight_orig`), not W / sigma.
-        x, cam_logit = class_activation(x, self.gap_fc, self.gmp_fc, raw_weight(self.gap_fc), raw_weight(self.gmp_fc))
-        x = self.leaky_relu(self._conv(self.conv1x1, x))
+        gap_fc, gmp_fc = self.gap_fc, self.gmp_fc
+        if self.fast:
+            gap_fc, gmp_fc = (functools.partial(_fast_linear, fc, calls=calls) for fc in (gap_fc, gmp_fc))
+        x, cam_logit = class_activation(x, gap_fc, gmp_fc, raw_weight(self.gap_fc), raw_weight(self.gmp_fc))
+        x = self.leaky_relu(conv(self.conv1x1, x))
         heatmap = torch.sum(x, dim=1, keepdim=True)
-        return self._conv(self.conv, self.pad(x)), cam_logit, heatmap
+        return conv(self.conv, self.pad(x)), cam_logit, heatmap
 
 
 GENERATORS = ("genA2B", "genB2A")

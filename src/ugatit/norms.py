@@ -136,32 +136,44 @@ class SpectralNorm(nn.Module):
     # Eager under torch.compile: compiled graphs save the u buffer itself for the backward (it equals the fresh u),
     # and the next call's update then invalidates it (discriminators are called twice before one backward).
     @torch.compiler.disable
-    def sigma(self, weight: torch.Tensor) -> torch.Tensor:
-        """u^T W v after this call's power iteration (training mode only): differentiable in W, with u, v held."""
+    def sigma(self, weight: torch.Tensor, calls: int = 1) -> torch.Tensor:
+        """u^T W v after each of `calls` power iterations, as `calls` consecutive calls would see it: a (calls,)
+        tensor, differentiable in W with u, v held (training mode only advances the iteration)."""
         with autocast_off(weight):
             weight_mat, order = weight_matrix(weight)
-            v = self._next_v(weight_mat, order)
-            # u and v are fresh tensors, not the buffers: the next call's update must not change vectors that this
-            # call's backward still needs (nor may a compiler fold them into the buffers).
-            if self.training:
-                with torch.no_grad():
-                    u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps)
-                    self._u.copy_(u)
-            else:
-                u = self._u.clone(memory_format=torch.contiguous_format)
-            return torch.dot(u, torch.mv(weight_mat, v))
+            sigmas = []
+            for _ in range(calls):
+                v = self._next_v(weight_mat, order)
+                # u and v are fresh tensors, not the buffers: the next call's update must not change vectors that
+                # this call's backward still needs (nor may a compiler fold them into the buffers).
+                sigmas.append(torch.dot(self._next_u(weight_mat, v), torch.mv(weight_mat, v)))
+            return torch.stack(sigmas)
 
     @torch.compiler.disable
-    def matmul(self, cols: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """cols @ (W / sigma)^T with this call's power iteration: `sigma` and a product with W fused, so that W is
-        read twice per call instead of four times and its gradient written once (`_SpectralMatmul`)."""
+    def matmul(self, cols: torch.Tensor, weight: torch.Tensor, calls: int = 1) -> torch.Tensor:
+        """cols @ (W / sigma)^T for `calls` consecutive calls stacked in the rows of cols (equal shares, each with
+        its own power iteration): `sigma` and a product with W fused, so that W is read twice per call instead of
+        four times and its gradient written once for all of them (`_SpectralMatmul`)."""
         with autocast_off(weight):
-            v = self._next_v(*weight_matrix(weight))
-            y, u = _SpectralMatmul.apply(cols.float(), weight, v, self._u, self.training, self.eps)
+            weight_mat, order = weight_matrix(weight)
+            vs = [self._next_v(weight_mat, order)]
+            for _ in range(calls - 1):  # a later call's v starts from the u of the call before it
+                self._next_u(weight_mat, vs[-1])
+                vs.append(self._next_v(weight_mat, order))
+            y, u = _SpectralMatmul.apply(cols.float(), weight, torch.stack(vs), self._u, self.training, self.eps)
             if self.training:
                 with torch.no_grad():
                     self._u.copy_(u)
             return y
+
+    @torch.no_grad()
+    def _next_u(self, weight_mat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """u after u <- normalize(W v) in training mode (stored in the buffer too); a copy of the buffer."""
+        if not self.training:
+            return self._u.clone(memory_format=torch.contiguous_format)
+        u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps)
+        self._u.copy_(u)
+        return u
 
     @torch.no_grad()
     def _next_v(self, weight_mat: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
@@ -177,40 +189,44 @@ class SpectralNorm(nn.Module):
 
 
 class _SpectralMatmul(torch.autograd.Function):
-    """y = cols @ W^T / sigma, sigma = u^T W v (u, v held constant), with the u update of the power iteration.
+    """y = cols @ W^T / sigma_k for the rows of call k, sigma_k = u_k^T W v_k (u, v held constant), with the u
+    update of each call's power iteration. The rows of cols are `len(vs)` equal shares, one per call.
 
-    Forward: one product W [cols; v]^T gives both cols @ W^T and W v, hence the new u = normalize(W v) (returned
-    for the caller to store) and sigma.
-    Backward: with gz = gy / sigma and dsigma = -sum(gy * cols @ W^T) / sigma^2, grad W = gz^T cols + dsigma u v^T
-    is one product [gz; dsigma u]^T [cols; v], written straight into a tensor of W's layout (autograd then adopts
-    it as W's gradient instead of copying it), and grad cols = gz W. The products are arranged in the orders that
-    run fastest for these wide matrices (W @ X rather than X @ W^T: 1.7x).
+    Forward: one product W [cols; v_1; ...; v_k]^T gives both cols @ W^T and every W v_k, hence u_k =
+    normalize(W v_k) and sigma_k (the last u is returned for the caller to store).
+    Backward: with gz = gy / sigma and dsigma_k = -sum(gy * cols @ W^T over call k's rows) / sigma_k^2, grad W =
+    gz^T cols + sum_k dsigma_k u_k v_k^T is one product [gz; dsigma_k u_k]^T [cols; v_k], written straight into a
+    tensor of W's layout (autograd then adopts it as W's gradient instead of copying it), and grad cols = gz W.
+    The products are arranged in the orders that run fastest for these wide matrices (W @ X rather than X @ W^T:
+    1.7x).
     """
 
     @staticmethod
-    def forward(ctx, cols, weight, v, u, training: bool, eps: float):
+    def forward(ctx, cols, weight, vs, u, training: bool, eps: float):
         weight_mat = weight_matrix(weight)[0]
-        both = weight_mat @ torch.cat([cols, v[None]]).t()
-        z, wv = both[:, :-1].t(), both[:, -1]
-        u = F.normalize(wv, dim=0, eps=eps) if training else u.clone()
-        sigma = torch.dot(u, wv)
-        ctx.save_for_backward(cols, weight, v, u, z, sigma)
-        ctx.mark_non_differentiable(u)
-        return z / sigma, u
+        calls = vs.shape[0]
+        both = weight_mat @ torch.cat([cols, vs]).t()
+        z, wv = both[:, :-calls].t(), both[:, -calls:]
+        us = F.normalize(wv, dim=0, eps=eps) if training else u[:, None].expand(-1, calls)
+        sigmas = (us * wv).sum(0)
+        row_sigma = sigmas.repeat_interleave(z.shape[0] // calls)[:, None]
+        ctx.save_for_backward(cols, weight, vs, us, z, row_sigma)
+        new_u = us[:, -1].clone()
+        ctx.mark_non_differentiable(new_u)
+        return z / row_sigma, new_u
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy, _):
-        cols, weight, v, u, z, sigma = ctx.saved_tensors
-        gz = gy / sigma
+        cols, weight, vs, us, z, row_sigma = ctx.saved_tensors
+        gz = gy / row_sigma
         grad_cols = gz @ weight_matrix(weight)[0] if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            dsigma = -(gy * z).sum() / sigma**2
+            calls = vs.shape[0]
+            dsigma = -(gy * z).reshape(calls, -1).sum(1) / row_sigma.view(calls, -1)[:, 0] ** 2
             grad_weight = torch.empty_like(weight)  # contiguous or channels_last, like W: its matrix is a view
-            torch.mm(
-                torch.cat([gz, (dsigma * u)[None]]).t(), torch.cat([cols, v[None]]), out=weight_matrix(grad_weight)[0]
-            )
+            torch.mm(torch.cat([gz, (us * dsigma).t()]).t(), torch.cat([cols, vs]), out=weight_matrix(grad_weight)[0])
         return grad_cols, grad_weight, None, None, None, None
 
 

@@ -114,7 +114,9 @@ class Trainer:
         with self.autocast():
             fake_A2B, cam_A2B, _ = nets["genA2B"](real_A)
             fake_B2A, cam_B2A, _ = nets["genB2A"](real_B)
-            d_terms = discriminator_losses(d_nets, real_A, real_B, fake_A2B.detach(), fake_B2A.detach(), config)
+            d_terms = discriminator_losses(
+                d_nets, real_A, real_B, fake_A2B.detach(), fake_B2A.detach(), config, batched=self.fast
+            )
         # Each domain's loss reaches only its own two discriminators, so backward and update run per domain: the
         # same gradients and the same per-parameter Adam updates (Adam passes over parameters without a gradient),
         # with half the discriminator gradients alive at once. Domain A's graph is gone before B's backward.
