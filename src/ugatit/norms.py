@@ -207,7 +207,7 @@ class _SpectralMatmul(torch.autograd.Function):
         calls = vs.shape[0]
         both = weight_mat @ torch.cat([cols, vs]).t()
         z, wv = both[:, :-calls].t(), both[:, -calls:]
-        us = F.normalize(wv, dim=0, eps=eps) if training else u[:, None].expand(-1, calls)
+        us = F.normalize(wv, dim=0, eps=eps) if training else u.clone()[:, None].expand(-1, calls)
         sigmas = (us * wv).sum(0)
         row_sigma = sigmas.repeat_interleave(z.shape[0] // calls)[:, None]
         ctx.save_for_backward(cols, weight, vs, us, z, row_sigma)
