@@ -180,3 +180,20 @@ def test_reflection_padding_stays_in_bf16_under_autocast():
     assert torch.equal(ours.float(), nn.ReflectionPad2d(2)(x.float()))
     pads = [m for net in build_networks(BASE).values() for m in net.modules() if isinstance(m, nn.ReflectionPad2d)]
     assert pads and all(type(m) is ReflectionPad2d for m in pads)
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_fast_discriminator_keeps_bf16_activations_under_autocast(calls):
+    """Dividing by sigma at the output must not promote bf16 activations to fp32 (twice the memory and traffic)."""
+    from ugatit.models import Discriminator
+
+    torch.manual_seed(0)
+    disc = Discriminator(8, 5, fast=True)
+    seen = []
+    for layer in disc.model:
+        if isinstance(layer, nn.LeakyReLU):
+            layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, cam_logit, _ = disc(torch.randn(2 * calls, 3, 64, 64), calls=calls)  # 64 px: convolution branch only
+    assert seen and set(seen) == {torch.bfloat16}
+    assert out.dtype == cam_logit.dtype == torch.bfloat16

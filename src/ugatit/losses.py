@@ -63,7 +63,8 @@ def discriminator_losses(
     fake = {"A": fake_B2A, "B": fake_A2B}
     if batched and real_A.shape[0] == fake_B2A.shape[0] and real_B.shape[0] == fake_A2B.shape[0]:
         both = {
-            name: nets[f"dis{name}"](torch.cat([real[domain], fake[domain].to(real[domain].dtype)]), calls=2)
+            # A bf16 fake means autocast is on: the first convolution rounds the real batch to bf16 anyway.
+            name: nets[f"dis{name}"](torch.cat([real[domain].to(fake[domain].dtype), fake[domain]]), calls=2)
             for name, domain in _DISCS
         }
         real_out = {name: tuple(t.chunk(2)[0] for t in out) for name, out in both.items()}

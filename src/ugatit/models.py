@@ -192,9 +192,11 @@ def _windows(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor
     return windows.reshape(-1, windows[0, 0, 0].numel())
 
 
-def _per_call(sigmas: torch.Tensor, batch: int) -> torch.Tensor:
-    """Each call's sigma repeated over its share of the batch, as a (batch, 1, 1, 1) divisor."""
-    return sigmas.repeat_interleave(batch // sigmas.numel()).view(-1, 1, 1, 1)
+def _per_call(sigmas: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each call's sigma repeated over its share of y's batch, shaped to divide y and in y's dtype (an fp32 divisor
+    would promote bf16 activations to fp32)."""
+    divisor = sigmas.repeat_interleave(y.shape[0] // sigmas.numel()).to(y.dtype)
+    return divisor.view(-1, *([1] * (y.dim() - 1)))
 
 
 @torch.compiler.disable  # memory-bound: nothing for a compiler to fuse, and per-layer shapes would recompile it
@@ -225,7 +227,7 @@ def _fast_conv(conv: nn.Conv2d, x: torch.Tensor, calls: int = 1) -> torch.Tensor
     else:
         y = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         if spectral:
-            y = y / _per_call(spectral[0].sigma(weight, calls), batch)
+            y = y / _per_call(spectral[0].sigma(weight, calls), y)
     return y if conv.bias is None else y + conv.bias.to(y.dtype)[:, None, None]  # bf16 stays bf16
 
 
@@ -234,7 +236,8 @@ def _fast_linear(linear: nn.Linear, x: torch.Tensor, calls: int = 1) -> torch.Te
     spectral = spectral_parts(linear)
     if not spectral:
         return linear(x)
-    return F.linear(x, spectral[1]) / _per_call(spectral[0].sigma(spectral[1], calls), x.shape[0]).view(-1, 1)
+    y = F.linear(x, spectral[1])
+    return y / _per_call(spectral[0].sigma(spectral[1], calls), y)
 
 
 class Discriminator(nn.Module):
@@ -279,8 +282,8 @@ class Discriminator(nn.Module):
         """`calls` > 1 (fast only): x stacks that many equal batches, and the result is that of as many
         consecutive calls, each advancing the spectral norms' power iterations once. The D update scores the real
         and the fake batch in one call this way: one pass over the weights and one gradient for both."""
-        if calls != 1 and not self.fast:
-            raise ValueError("calls > 1 needs a fast discriminator")
+        if calls < 1 or (calls > 1 and not self.fast):
+            raise ValueError(f"calls={calls}: must be 1, or more on a fast discriminator")
         if x.shape[0] % calls:
             raise ValueError(f"batch of {x.shape[0]} does not split into {calls} calls")
         conv = functools.partial(_fast_conv, calls=calls) if self.fast else lambda layer, y: layer(y)

@@ -5,7 +5,8 @@ unchanged: the two translations of the real batches are computed once and shared
 (detached) and the generator update (6 generator passes per step instead of 8, and no backward through the
 generators in the D update), and the discriminators' weight gradients are not computed in the G update. The
 discriminator update runs per domain (backward, then Adam on that domain's two discriminators), which halves the
-gradient memory at its peak and changes no number either.
+gradient memory at its peak and changes no number either; the one change in behaviour is that a non-finite
+gradient in one domain skips only that domain's update.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _adam(params: Iterator[nn.Parameter], config: Config) -> torch.optim.Adam:
 class Trainer:
     """Owns the networks (keyed by their official names) and the optimizers; `step` counts completed steps and
     `skipped` the updates left out because their gradients were not finite (the discriminators of each domain
-    update separately, so a step counts 0, 1 or 2 under "D")."""
+    update separately, so a step counts 0, 1 or 2 under "D"; `train_step` reports 1.0 as "skipped_D" for either)."""
 
     def __init__(
         self,
