@@ -144,9 +144,10 @@ class SpectralNorm(nn.Module):
             sigmas = []
             for _ in range(calls):
                 v = self._next_v(weight_mat, order)
+                wv = torch.mv(weight_mat, v)
                 # u and v are fresh tensors, not the buffers: the next call's update must not change vectors that
                 # this call's backward still needs (nor may a compiler fold them into the buffers).
-                sigmas.append(torch.dot(self._next_u(weight_mat, v), torch.mv(weight_mat, v)))
+                sigmas.append(torch.dot(self._next_u(wv), wv))
             return torch.stack(sigmas)
 
     @torch.compiler.disable
@@ -158,7 +159,7 @@ class SpectralNorm(nn.Module):
             weight_mat, order = weight_matrix(weight)
             vs = [self._next_v(weight_mat, order)]
             for _ in range(calls - 1):  # a later call's v starts from the u of the call before it
-                self._next_u(weight_mat, vs[-1])
+                self._next_u(torch.mv(weight_mat, vs[-1]))
                 vs.append(self._next_v(weight_mat, order))
             y, u = _SpectralMatmul.apply(cols.float(), weight, torch.stack(vs), self._u, self.training, self.eps)
             if self.training:
@@ -167,11 +168,11 @@ class SpectralNorm(nn.Module):
             return y
 
     @torch.no_grad()
-    def _next_u(self, weight_mat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """u after u <- normalize(W v) in training mode (stored in the buffer too); a copy of the buffer."""
+    def _next_u(self, wv: torch.Tensor) -> torch.Tensor:
+        """u after u <- normalize(W v) in training mode, from W v (stored in the buffer too); a copy of the buffer."""
         if not self.training:
             return self._u.clone(memory_format=torch.contiguous_format)
-        u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps)
+        u = F.normalize(wv, dim=0, eps=self.eps)
         self._u.copy_(u)
         return u
 
