@@ -80,8 +80,6 @@ supported (the official training never differentiates through a gradient).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -219,12 +217,6 @@ def _grad_input(g, x, layout, mean, a, c1, c0) -> torch.Tensor:
     return out.addcmul_(g, a.expand(b, c).reshape(b, c, 1, 1).to(x.dtype))
 
 
-def _no_autocast(x: torch.Tensor):
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 class _InstanceLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rho, gamma, beta, eps):
@@ -327,7 +319,7 @@ def instance_layer_norm_fused(
         and _param_ok(beta, x.shape[0], x.shape[1], rows=(x.shape[0],))
     ):
         return norms.instance_layer_norm(x, rho, gamma, beta, eps)
-    with _no_autocast(x):
+    with norms.autocast_off(x):
         return _InstanceLayerNorm.apply(x, rho, gamma, beta, eps)
 
 
@@ -372,5 +364,5 @@ def instance_norm_fused(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
         return F.instance_norm(x, eps=eps)
     if x.dtype in _REDUCED and x.is_contiguous():
         return F.instance_norm(x, eps=eps)
-    with _no_autocast(x):
+    with norms.autocast_off(x):
         return _InstanceNorm.apply(x, eps)

@@ -15,7 +15,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
-from .fused import instance_layer_norm_fused, instance_norm_fused
+# A module import (fused.py imports this module back for the exact formula): either can be imported first.
+from . import fused as kernels
 
 EPS = 1e-5
 
@@ -46,7 +47,7 @@ class AdaILN(nn.Module):
     def __init__(self, num_features: int, eps: float = EPS, fused: bool = False):
         super().__init__()
         self.eps = eps
-        self.norm = instance_layer_norm_fused if fused else instance_layer_norm
+        self.norm = kernels.instance_layer_norm_fused if fused else instance_layer_norm
         self.rho = nn.Parameter(torch.full((1, num_features, 1, 1), 0.9))
 
     def forward(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,7 @@ class ILN(nn.Module):
     def __init__(self, num_features: int, eps: float = EPS, fused: bool = False):
         super().__init__()
         self.eps = eps
-        self.norm = instance_layer_norm_fused if fused else instance_layer_norm
+        self.norm = kernels.instance_layer_norm_fused if fused else instance_layer_norm
         self.rho = nn.Parameter(torch.zeros(1, num_features, 1, 1))
         self.gamma = nn.Parameter(torch.ones(1, num_features, 1, 1))
         self.beta = nn.Parameter(torch.zeros(1, num_features, 1, 1))
@@ -81,7 +82,7 @@ class InstanceNorm(nn.Module):
         self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return instance_norm_fused(x, self.eps) if self.fused else F.instance_norm(x, eps=self.eps)
+        return kernels.instance_norm_fused(x, self.eps) if self.fused else F.instance_norm(x, eps=self.eps)
 
 
 @torch.no_grad()
@@ -106,10 +107,11 @@ def weight_matrix(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def autocast_off(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off for tensor's device: sigma, the power iteration and weight-bound products stay in fp32."""
+    """Autocast off for tensor's device: sigma, the power iteration, weight-bound products and the fused norms keep
+    their own precision, and padding its input's."""
     device = tensor.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-        return torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=False)
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
     return contextlib.nullcontext()
 
 

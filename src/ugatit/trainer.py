@@ -62,11 +62,10 @@ class Trainer:
     ):
         self.config = config
         self.device = torch.device(device)
-        self.fast = config.fast
         # channels_last activations and generator weights let the CPU (oneDNN) and GPU (cuDNN) convolutions skip
         # their layout conversions. The discriminators' weights stay contiguous: their big layers run as matrix
         # products (models._fast_conv), and fused Adam would copy a channels_last tensor at every step.
-        self.memory_format = torch.channels_last if self.fast else torch.contiguous_format
+        self.memory_format = torch.channels_last if config.fast else torch.contiguous_format
         self.nets = {
             name: net.to(
                 self.device, memory_format=self.memory_format if name in GENERATORS else torch.contiguous_format
@@ -91,7 +90,7 @@ class Trainer:
     def autocast(self) -> torch.autocast:
         """bf16 autocast on the fast path (AMX on recent x86 CPUs, tensor cores on GPUs); a no-op when exact.
         Losses, normalisation statistics and spectral norms stay in fp32."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.fast)
 
     def _set_discriminators_trainable(self, trainable: bool) -> None:
         for name in DISCRIMINATORS:
@@ -116,7 +115,7 @@ class Trainer:
             fake_A2B, cam_A2B, _ = nets["genA2B"](real_A)
             fake_B2A, cam_B2A, _ = nets["genB2A"](real_B)
             d_terms = discriminator_losses(
-                d_nets, real_A, real_B, fake_A2B.detach(), fake_B2A.detach(), config, batched=self.fast
+                d_nets, real_A, real_B, fake_A2B.detach(), fake_B2A.detach(), config, batched=config.fast
             )
         # Each domain's loss reaches only its own two discriminators, so backward and update run per domain: the
         # same gradients and the same per-parameter Adam updates (Adam passes over parameters without a gradient),
@@ -130,7 +129,7 @@ class Trainer:
         try:
             with self.autocast():
                 g_terms = generator_losses(
-                    g_nets, real_A, real_B, fake_A2B, fake_B2A, cam_A2B, cam_B2A, config, batched=self.fast
+                    g_nets, real_A, real_B, fake_A2B, fake_B2A, cam_A2B, cam_B2A, config, batched=config.fast
                 )
             g_terms["g_loss"].backward()
         finally:
