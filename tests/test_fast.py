@@ -9,7 +9,6 @@ from fp32 by a median ~7 % per tensor (up to ~70 % on the cancellation-dominated
 is on the median.
 """
 
-import contextlib
 import statistics
 
 import pytest
@@ -23,10 +22,10 @@ from ugatit.trainer import Trainer
 BASE = Config(img_size=64, ch=8, n_res=2, light=True, global_layers=5, local_layers=4, lr=0.0, weight_decay=0.0)
 
 
-def _pair():
+def _pair(fast_dtype: str = "bfloat16"):
     torch.manual_seed(0)
     exact = Trainer(BASE)
-    fast = Trainer(BASE.replace(precision="fast"))
+    fast = Trainer(BASE.replace(precision="fast", fast_dtype=fast_dtype))
     for name, net in exact.nets.items():
         fast.nets[name].load_state_dict(net.state_dict())
     generator = torch.Generator().manual_seed(1)
@@ -42,9 +41,8 @@ def _relative_grad_errors(exact_grads, fast_grads):
 
 
 def test_fast_kernels_in_fp32_match_the_exact_step(record_gradients):
-    exact, fast, a, b = _pair()
+    exact, fast, a, b = _pair("float32")  # fused norms and products, channels_last, fused Adam; fp32 arithmetic
     exact_grads, fast_grads = record_gradients(exact), record_gradients(fast)
-    fast.autocast = contextlib.nullcontext  # fused norms, channels_last, fused Adam; fp32 arithmetic
     exact_terms, fast_terms = exact.train_step(a, b), fast.train_step(a, b)
     assert fast_terms["g_loss"] == pytest.approx(exact_terms["g_loss"], rel=1e-5)
     assert fast_terms["d_loss"] == pytest.approx(exact_terms["d_loss"], rel=1e-5)
@@ -90,7 +88,8 @@ def test_fast_translator_matches_the_exact_one(tmp_path):
     save_model(tmp_path / "g.safetensors", {"genA2B": exact.nets["genA2B"].state_dict()}, BASE)
     images = [make_sample("A", np.random.default_rng(i), 64)[0] for i in range(3)]
     reference = Translator.from_checkpoint(tmp_path / "g.safetensors")(images)
-    fast = Translator.from_checkpoint(tmp_path / "g.safetensors", fast=True)
+    fast = Translator.from_checkpoint(tmp_path / "g.safetensors", fast=True, dtype=torch.bfloat16)
+    assert fast.dtype == torch.bfloat16
     assert fast.generator.UpBlock1_1.norm1.norm.__name__ == "instance_layer_norm_fused"
     for ref, out in zip(reference, fast(images), strict=True):
         diff = np.abs(np.asarray(ref, dtype=np.int16) - np.asarray(out, dtype=np.int16))
@@ -197,3 +196,28 @@ def test_fast_discriminator_keeps_bf16_activations_under_autocast(calls):
         out, cam_logit, _ = disc(torch.randn(2 * calls, 3, 64, 64), calls=calls)  # 64 px: convolution branch only
     assert seen and set(seen) == {torch.bfloat16}
     assert out.dtype == cam_logit.dtype == torch.bfloat16
+
+
+def test_fast_dtype_is_bf16_only_where_the_hardware_has_it():
+    """bf16 is emulated, and several times slower than fp32, on CPUs without AMX/AVX512-BF16: "auto" must not pick
+    it there. Explicit choices win; the exact path is fp32 whatever fast_dtype says."""
+    from ugatit.precision import compute_dtype, native_bf16
+
+    cpu_has_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert native_bf16("cpu") == cpu_has_bf16
+    assert native_bf16("meta") is False
+    fast = BASE.replace(precision="fast")
+    assert compute_dtype(fast, "cpu") == (torch.bfloat16 if cpu_has_bf16 else torch.float32)
+    assert compute_dtype(fast.replace(fast_dtype="bfloat16"), "cpu") == torch.bfloat16
+    assert compute_dtype(fast.replace(fast_dtype="float32"), "cpu") == torch.float32
+    assert compute_dtype(BASE.replace(fast_dtype="bfloat16"), "cpu") == torch.float32
+    assert Trainer(fast).dtype == compute_dtype(fast, "cpu")
+
+
+def test_fast_fp32_step_keeps_fp32_activations():
+    """With fast_dtype float32 nothing runs in bf16: no autocast region is entered, outputs stay fp32."""
+    _, fast, a, _ = _pair("float32")
+    with fast.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+        out = fast.nets["genA2B"](a.contiguous(memory_format=torch.channels_last))[0]
+    assert out.dtype == torch.float32

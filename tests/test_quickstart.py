@@ -1,7 +1,9 @@
 """End to end: the quickstart trains on the synthetic domains with the cpu-small preset and the model learns.
 
 A model that learned judges most translations to be in the other domain and keeps the shapes of its inputs.
-Each run takes a few minutes on a 2-core CPU; both the exact and the fast path must learn.
+Each run takes a few minutes on a 2-core CPU; both the exact and the fast path must learn. The fast path runs in
+fp32 everywhere, and in bf16 where the CPU has bf16 hardware (elsewhere bf16 is emulated and this run would take
+over a quarter of an hour; the bf16 step is still checked against the exact one in test_fast.py).
 """
 
 import json
@@ -9,12 +11,19 @@ import json
 import pytest
 
 from ugatit.config import preset
+from ugatit.precision import native_bf16
 from ugatit.quickstart import N_TEST, quickstart
 
+BF16_NATIVE = pytest.mark.skipif(not native_bf16("cpu"), reason="this CPU has no bf16 hardware (bf16 is emulated)")
 
-@pytest.mark.parametrize("precision", ["exact", "fast"])
-def test_quickstart_learns_both_directions(tmp_path, precision):
-    result = quickstart(tmp_path / "qs", preset("cpu-small", precision=precision), progress=False, echo=lambda m: None)
+
+@pytest.mark.parametrize(
+    "precision, fast_dtype",
+    [("exact", "auto"), ("fast", "float32"), pytest.param("fast", "bfloat16", marks=BF16_NATIVE)],
+)
+def test_quickstart_learns_both_directions(tmp_path, precision, fast_dtype):
+    config = preset("cpu-small", precision=precision, fast_dtype=fast_dtype)
+    result = quickstart(tmp_path / "qs", config, progress=False, echo=lambda m: None)
     scores = result["scores"]
     for direction in ("A2B", "B2A"):
         trained, untrained = scores["trained"][direction], scores["untrained"][direction]

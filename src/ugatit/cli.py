@@ -173,7 +173,7 @@ def cmd_translate(args: argparse.Namespace) -> None:
     from .inference import translate_files
 
     if args.fast and args.backend != "torch":
-        raise ConfigError("--fast is the torch backend's bf16 path; drop it with --backend onnxruntime")
+        raise ConfigError("--fast is the torch backend's fast path; drop it with --backend onnxruntime")
     translator = load_translator(
         args.checkpoint, args.direction, backend=args.backend, device=args.device, fast=args.fast
     )
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backend", default="torch", choices=["torch", "onnxruntime"], help="onnxruntime needs ugatit[onnx]"
     )
-    p.add_argument("--fast", action="store_true", help="torch backend: bf16, fused norms, channels_last")
+    p.add_argument("--fast", action="store_true", help="torch backend: fused norms, channels_last, bf16 where native")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_translate)
 

@@ -40,9 +40,11 @@ class Config:
     batch_size: int = 1
     decay: bool = True
     seed: int = 0
-    # Speed: "exact" is the fp32 eager path that meets the official parity; "fast" uses bf16 autocast,
-    # fused normalisations and channels_last where the device supports them.
+    # Speed: "exact" is the fp32 eager path that meets the official parity; "fast" uses fused normalisations,
+    # fused spectral products, channels_last and fused Adam, and autocasts to fast_dtype: "auto" is bf16 where the
+    # device has bf16 hardware (AMX/AVX512-BF16 CPUs, recent GPUs) and fp32 elsewhere (precision.py).
     precision: str = "exact"
+    fast_dtype: str = "auto"
     compile: bool = False
     grad_checkpoint: bool = False
     # Data pipeline.
@@ -69,7 +71,7 @@ class Config:
 
     @property
     def fast(self) -> bool:
-        """The fast path: bf16 autocast, fused kernels, channels_last; else the exact fp32 path."""
+        """The fast path: fused kernels, channels_last, autocast to fast_dtype; else the exact fp32 path."""
         return self.precision == "fast"
 
     def validate(self) -> None:
@@ -84,6 +86,8 @@ class Config:
             )
         if self.precision not in ("exact", "fast"):
             raise ConfigError(f"precision={self.precision!r} must be 'exact' or 'fast'")
+        if self.fast_dtype not in ("auto", "bfloat16", "float32"):
+            raise ConfigError(f"fast_dtype={self.fast_dtype!r} must be 'auto', 'bfloat16' or 'float32'")
         if self.crop_margin < 0:
             raise ConfigError(f"crop_margin={self.crop_margin} must be >= 0")
         if self.cache_images not in ("auto", "yes", "no"):

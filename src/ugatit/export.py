@@ -327,7 +327,7 @@ def load_translator(
     error: an ONNX file holds one generator). With backend onnxruntime a checkpoint is exported on the fly, with the
     heatmap output; into a temporary file by default, or into `cache_dir`, keyed by the checkpoint's contents, the
     direction and the ugatit and torch versions, so that later calls skip the export. `fast` selects the torch
-    backend's bf16 path.
+    backend's fast path (bf16 where the device has bf16 hardware).
     """
     if backend not in BACKENDS:
         raise ExportError(f"backend={backend!r} must be one of: {', '.join(BACKENDS)}")

@@ -28,6 +28,7 @@ from .checkpoint import CheckpointError, load_model
 from .config import Config
 from .data import eval_transform, list_images, load_rgb, to_image
 from .models import build_generator
+from .precision import autocast, compute_dtype
 from .visualize import overlay_heatmap, save_image
 
 DIRECTIONS = {"A2B": "genA2B", "B2A": "genB2A"}
@@ -103,13 +104,20 @@ class Translator(ImageTranslator):
 
     Results come at the trained `img_size`, the only size a full (non-light) generator accepts; `original_size=True`
     resizes them back (bicubic) to each input's width x height. `batch_size` bounds how many images go through the
-    generator at once, which bounds memory, not the number of images a call accepts. `fast` runs the generator in
-    bf16 autocast with channels_last (build it with fused norms: `from_checkpoint(..., fast=True)` does); the
-    default is the exact fp32 path.
+    generator at once, which bounds memory, not the number of images a call accepts. `fast` runs the generator
+    with channels_last, autocast to `dtype` (default: bf16 where the device has bf16 hardware, else fp32; see
+    `precision.py`); build it with fused norms (`from_checkpoint(..., fast=True)` does). The default is the exact
+    fp32 path.
     """
 
     def __init__(
-        self, generator: nn.Module, config: Config, direction: str = "A2B", batch_size: int = 8, fast: bool = False
+        self,
+        generator: nn.Module,
+        config: Config,
+        direction: str = "A2B",
+        batch_size: int = 8,
+        fast: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
         generator_name(direction)  # refuses an unknown direction now rather than at the first call
         if batch_size < 1:
@@ -120,6 +128,8 @@ class Translator(ImageTranslator):
         self.direction = direction
         self.batch_size = batch_size
         self.fast = fast
+        fast_config = config.replace(precision="fast" if fast else "exact", fast_dtype="auto")
+        self.dtype = dtype if fast and dtype else compute_dtype(fast_config, self.device)
 
     @classmethod
     def from_checkpoint(
@@ -129,6 +139,7 @@ class Translator(ImageTranslator):
         device: str | torch.device = "cpu",
         batch_size: int = 8,
         fast: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> Translator:
         """Build the `direction` generator from any of our checkpoints (full, generator-only, or a run folder).
 
@@ -142,7 +153,7 @@ class Translator(ImageTranslator):
         except RuntimeError as exc:
             first_line = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"{path}: {name} does not fit its embedded config ({first_line})") from None
-        return cls(generator.to(device), config, direction, batch_size, fast)
+        return cls(generator.to(device), config, direction, batch_size, fast, dtype)
 
     @property
     def device(self) -> torch.device:
@@ -151,7 +162,7 @@ class Translator(ImageTranslator):
     def _forward(self, inputs: torch.Tensor) -> tuple[list[Image.Image], torch.Tensor]:
         device = self.device
         x = inputs.to(device, memory_format=self.memory_format)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.fast):
+        with torch.inference_mode(), autocast(device, self.dtype):
             outputs, _, heatmaps = self.generator(x)
         return [to_image(y) for y in outputs.float().cpu()], heatmaps.float().cpu()
 

@@ -46,7 +46,7 @@ SAMPLES_PER_SPLIT = 5
 # Settings that may change when a run is resumed; any other difference means a different run.
 RESUMABLE = {
     "iterations", "save_every", "sample_every", "log_every", "keep_last", "num_workers", "eval_every",
-    "cache_images", "precision", "compile", "grad_checkpoint",
+    "cache_images", "precision", "fast_dtype", "compile", "grad_checkpoint",
 }  # fmt: skip
 
 

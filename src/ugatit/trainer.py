@@ -22,6 +22,7 @@ from .config import Config
 from .losses import discriminator_losses, generator_losses
 from .models import DISCRIMINATORS, GENERATORS, build_networks
 from .norms import clip_rho
+from .precision import autocast, compute_dtype
 
 
 def learning_rate(config: Config, step: int) -> float:
@@ -66,6 +67,7 @@ class Trainer:
         # their layout conversions. The discriminators' weights stay contiguous: their big layers run as matrix
         # products (models._fast_conv), and fused Adam would copy a channels_last tensor at every step.
         self.memory_format = torch.channels_last if config.fast else torch.contiguous_format
+        self.dtype = compute_dtype(config, self.device)
         self.nets = {
             name: net.to(
                 self.device, memory_format=self.memory_format if name in GENERATORS else torch.contiguous_format
@@ -88,9 +90,9 @@ class Trainer:
         )
 
     def autocast(self) -> torch.autocast:
-        """bf16 autocast on the fast path (AMX on recent x86 CPUs, tensor cores on GPUs); a no-op when exact.
-        Losses, normalisation statistics and spectral norms stay in fp32."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.fast)
+        """Autocast to the run's compute dtype (`precision.compute_dtype`); a no-op in fp32. Losses, normalisation
+        statistics and spectral norms stay in fp32."""
+        return autocast(self.device, self.dtype)
 
     def _set_discriminators_trainable(self, trainable: bool) -> None:
         for name in DISCRIMINATORS:

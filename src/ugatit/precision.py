@@ -1,0 +1,43 @@
+"""What the fast path computes in: bf16 where the hardware does bf16 matrix work natively, fp32 elsewhere.
+
+bf16 autocast pays only on hardware with bf16 units: Intel CPUs with AMX or AVX512-BF16, and GPUs with bf16
+tensor cores. Elsewhere PyTorch emulates it, and a bf16 step is several times *slower* than fp32 (a 128 px light
+step took 100 s in bf16 against 13 s for the official fp32 loop on a 2-core AVX2 AMD EPYC). So `fast_dtype="auto"`
+asks the device; the fused norms, fused spectral products, channels_last, fused Adam and batched passes of the
+fast path pay in fp32 as well.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Config
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` runs bf16 convolutions and matrix products on bf16 hardware rather than by emulation."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, so looked up defensively
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return False
+
+
+def compute_dtype(config: Config, device: torch.device | str) -> torch.dtype:
+    """The autocast dtype of a run: fp32 on the exact path; on the fast path `config.fast_dtype`, where "auto"
+    means bf16 if `native_bf16(device)`, else fp32."""
+    if not config.fast:
+        return torch.float32
+    if config.fast_dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return DTYPES[config.fast_dtype]
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype) -> torch.autocast:
+    """Autocast to `dtype` on `device`, off for fp32 (losses, norm statistics and spectral norms stay fp32 anyway)."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
