@@ -172,7 +172,9 @@ def test_image_too_small_for_discriminator_is_refused():
     Config(img_size=64, global_layers=6, local_layers=5)
 
 
-@pytest.mark.parametrize("changes", [{"img_size": 30}, {"ch": 0}, {"precision": "bf16"}, {"fast_dtype": "fp16"}, {"local_layers": 2}])
+@pytest.mark.parametrize(
+    "changes", [{"img_size": 30}, {"ch": 0}, {"precision": "bf16"}, {"fast_dtype": "fp16"}, {"local_layers": 2}]
+)
 def test_invalid_config_is_refused(changes):
     with pytest.raises(ConfigError):
         Config(**changes)
