@@ -3,8 +3,8 @@
     python benchmarks/fast_vs_exact.py --data ../shared/datasets/horse2zebra --img-size 128 --steps 120
 
 Each step feeds one pair of batches to both trainers, so any difference comes from the arithmetic alone (bf16
-autocast, fused kernels, batched passes). Prints the mean of every loss term per window of steps for both paths
-and their relative difference, and writes every step's terms to --out (JSON lines) for plotting.
+autocast where chosen, fused kernels, batched passes). Prints the mean of every loss term per window of steps for
+both paths and their relative difference, and writes every step's terms to --out (JSON lines) for plotting.
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="fast_vs_exact.jsonl")
+    parser.add_argument("--fast-dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     args = parser.parse_args()
 
     config = Config(img_size=args.img_size, ch=args.ch, n_res=args.n_res, light=True, seed=args.seed)
     torch.manual_seed(args.seed)
     exact = Trainer(config)
-    fast = Trainer(config.replace(precision="fast"))
+    fast = Trainer(config.replace(precision="fast", fast_dtype=args.fast_dtype))
     for name, net in exact.nets.items():
         fast.nets[name].load_state_dict(net.state_dict())
     batches = {
@@ -62,6 +63,7 @@ def main() -> None:
             out.flush()
 
     print(f"{args.data}, {args.img_size} px, ch {args.ch}, n_res {args.n_res}, light, batch 1, seed {args.seed}")
+    print(f"fast path in {fast.dtype}")
     print(f"s/step: exact {seconds['exact'] / args.steps:.2f}, fast {seconds['fast'] / args.steps:.2f}")
     print("mean of each term per window; rel = |fast - exact| / exact")
     print(f"{'steps':<10}{'term':<20}{'exact':>10}{'fast':>10}{'rel':>8}")

@@ -29,6 +29,7 @@ import torch
 from ugatit.config import Config
 from ugatit.losses import discriminator_losses, generator_losses
 from ugatit.norms import clip_rho
+from ugatit.precision import compute_dtype, native_bf16
 from ugatit.trainer import Trainer
 
 PATHS = ("official", "exact", "fast")
@@ -54,7 +55,8 @@ def official_step(trainer: Trainer, real_A: torch.Tensor, real_B: torch.Tensor) 
 def make(path: str, args: argparse.Namespace) -> tuple[Trainer, torch.Tensor, torch.Tensor]:
     config = Config(
         img_size=args.img_size, ch=args.ch, n_res=args.n_res, light=args.light, batch_size=args.batch_size,
-        precision="fast" if path == "fast" else "exact", compile=args.compile and path == "fast",
+        precision="fast" if path == "fast" else "exact", fast_dtype=args.fast_dtype,
+        compile=args.compile and path == "fast",
         grad_checkpoint=args.grad_checkpoint and path == "fast",
     )  # fmt: skip
     torch.manual_seed(0)
@@ -111,6 +113,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=5, help="timed steps per path (after one warm-up step)")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
+    parser.add_argument(
+        "--fast-dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="the fast path's compute dtype (auto: bf16 where the device has bf16 hardware)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the fast path")
     parser.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing on the fast path")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-path peak-memory runs")
@@ -143,6 +151,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, {cpu}")
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}")
+    fast_dtype = compute_dtype(Config(precision="fast", fast_dtype=args.fast_dtype), args.device)
+    print(
+        f"fast path computes in {fast_dtype} (--fast-dtype {args.fast_dtype}; bf16 hardware here: "
+        f"{native_bf16(args.device)})"
+    )
     base = statistics.median(times[paths[0]])
     print(f"{'path':<10}{'median s/step':>15}{'speed-up':>10}{'warm-up s':>11}{'peak memory':>14}")
     for path in paths:

@@ -27,6 +27,7 @@ from ugatit.checkpoint import save_model
 from ugatit.config import Config
 from ugatit.inference import Translator
 from ugatit.models import build_generator
+from ugatit.precision import DTYPES
 
 
 def timed(translate, images, reps: int) -> list[float]:
@@ -47,6 +48,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--fast-dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="the fast backend's compute dtype (auto: bf16 where the device has bf16 hardware)",
+    )
     args = parser.parse_args()
 
     config = Config(img_size=args.img_size, ch=args.ch, light=not args.full)
@@ -57,7 +64,9 @@ def main() -> None:
         save_model(checkpoint, {"genA2B": generator.state_dict()}, config)
         backends = {
             "torch exact": Translator.from_checkpoint(checkpoint, "A2B", args.device, args.batch_size),
-            "torch fast": Translator.from_checkpoint(checkpoint, "A2B", args.device, args.batch_size, fast=True),
+            "torch fast": Translator.from_checkpoint(
+                checkpoint, "A2B", args.device, args.batch_size, fast=True, dtype=DTYPES.get(args.fast_dtype)
+            ),
         }
         try:
             from ugatit.export import OnnxTranslator, export_onnx
@@ -77,7 +86,8 @@ def main() -> None:
 
     mode = "full" if args.full else "light"
     print(f"translate, {args.img_size} px, ch {args.ch}, {mode}; torch {torch.__version__}, {args.device}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")  # fmt: skip
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+          f"torch fast in {backends['torch fast'].dtype}")  # fmt: skip
     print(f"{'backend':<14}{'ms/image (batch 1)':>20}{f'images/s (batch {args.batch_size})':>22}")
     for name in backends:
         ms = statistics.median(latency[name]) * 1000
