@@ -49,7 +49,8 @@ def test_fast_kernels_in_fp32_match_the_exact_step(record_gradients):
     errors = _relative_grad_errors(exact_grads, fast_grads)
     assert statistics.median(errors.values()) <= 1e-5
     assert max(errors.values()) <= 1e-2, max(errors, key=errors.get)
-    assert fast.nets["genA2B"].DownBlock[1].weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.memory_format == torch.contiguous_format  # fp32 on CPU: NCHW (precision.training_memory_format)
+    assert fast.nets["genA2B"].DownBlock[1].weight.is_contiguous()
 
 
 @torch.no_grad()
@@ -212,6 +213,17 @@ def test_fast_dtype_is_bf16_only_where_the_hardware_has_it():
     assert compute_dtype(fast.replace(fast_dtype="float32"), "cpu") == torch.float32
     assert compute_dtype(BASE.replace(fast_dtype="bfloat16"), "cpu") == torch.float32
     assert Trainer(fast).dtype == compute_dtype(fast, "cpu")
+
+
+def test_training_layout_is_channels_last_except_fp32_on_cpu():
+    from ugatit.precision import training_memory_format
+
+    assert training_memory_format("cpu", torch.float32) == torch.contiguous_format
+    assert training_memory_format("cpu", torch.bfloat16) == torch.channels_last
+    assert training_memory_format("cuda", torch.float32) == torch.channels_last
+    trainer = Trainer(BASE.replace(precision="fast", fast_dtype="bfloat16"))
+    assert trainer.memory_format == torch.channels_last
+    assert trainer.nets["genA2B"].DownBlock[1].weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_fast_fp32_step_keeps_fp32_activations():

@@ -22,7 +22,7 @@ from .config import Config
 from .losses import discriminator_losses, generator_losses
 from .models import DISCRIMINATORS, GENERATORS, build_networks
 from .norms import clip_rho
-from .precision import autocast, compute_dtype
+from .precision import autocast, compute_dtype, training_memory_format
 
 
 def learning_rate(config: Config, step: int) -> float:
@@ -63,11 +63,12 @@ class Trainer:
     ):
         self.config = config
         self.device = torch.device(device)
-        # channels_last activations and generator weights let the CPU (oneDNN) and GPU (cuDNN) convolutions skip
-        # their layout conversions. The discriminators' weights stay contiguous: their big layers run as matrix
-        # products (models._fast_conv), and fused Adam would copy a channels_last tensor at every step.
-        self.memory_format = torch.channels_last if config.fast else torch.contiguous_format
+        # The fast path's layout for activations and generator weights (`precision.training_memory_format`). The
+        # discriminators' weights stay contiguous: their big layers run as matrix products (models._fast_conv), and
+        # fused Adam would copy a channels_last tensor at every step.
         self.dtype = compute_dtype(config, self.device)
+        fast_format = training_memory_format(self.device, self.dtype)
+        self.memory_format = fast_format if config.fast else torch.contiguous_format
         self.nets = {
             name: net.to(
                 self.device, memory_format=self.memory_format if name in GENERATORS else torch.contiguous_format
