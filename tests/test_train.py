@@ -186,3 +186,12 @@ def test_samples_have_the_official_layout(dataset, tmp_path):
     assert grid.size == (32 * len(chosen["A"]), 32 * 7)
     assert len(chosen["A"]) == 8  # 5 train + 3 test images
     assert os.path.isfile(tmp_path / "samples" / "B2A_0000002.png")
+
+
+@pytest.mark.parametrize("fast_dtype", ["float32", "bfloat16"])
+def test_fast_training_says_what_it_computes_in(dataset, tmp_path, fast_dtype):
+    config = Config(**TINY, iterations=1, save_every=100, sample_every=100, precision="fast", fast_dtype=fast_dtype)
+    messages = []
+    train(config, dataset, tmp_path, progress=False, echo=messages.append)
+    assert f"fast path on cpu: computing in {fast_dtype}" in messages
+    assert list_checkpoints(tmp_path)

@@ -381,6 +381,8 @@ def _train(
 
     torch.manual_seed(config.seed)
     trainer = Trainer(config, dev, distributed=info.enabled)
+    if config.fast:
+        echo(f"fast path on {dev.type}: computing in {str(trainer.dtype).removeprefix('torch.')}")
     samples_file = run_dir / "samples.json"
     if checkpoints and samples_file.is_file():
         sample_names = json.loads(samples_file.read_text())
