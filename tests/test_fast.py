@@ -82,6 +82,7 @@ def test_fast_translator_matches_the_exact_one(tmp_path):
 
     from ugatit.checkpoint import save_model
     from ugatit.inference import Translator
+    from ugatit.precision import native_bf16
     from ugatit.synthetic import make_sample
 
     torch.manual_seed(0)
@@ -89,6 +90,8 @@ def test_fast_translator_matches_the_exact_one(tmp_path):
     save_model(tmp_path / "g.safetensors", {"genA2B": exact.nets["genA2B"].state_dict()}, BASE)
     images = [make_sample("A", np.random.default_rng(i), 64)[0] for i in range(3)]
     reference = Translator.from_checkpoint(tmp_path / "g.safetensors")(images)
+    auto = Translator.from_checkpoint(tmp_path / "g.safetensors", fast=True)
+    assert auto.dtype == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
     fast = Translator.from_checkpoint(tmp_path / "g.safetensors", fast=True, dtype=torch.bfloat16)
     assert fast.dtype == torch.bfloat16
     assert fast.generator.UpBlock1_1.norm1.norm.__name__ == "instance_layer_norm_fused"

@@ -28,7 +28,7 @@ from .checkpoint import CheckpointError, load_model
 from .config import Config
 from .data import eval_transform, list_images, load_rgb, to_image
 from .models import build_generator
-from .precision import autocast, compute_dtype
+from .precision import autocast, native_bf16
 from .visualize import overlay_heatmap, save_image
 
 DIRECTIONS = {"A2B": "genA2B", "B2A": "genB2A"}
@@ -106,8 +106,8 @@ class Translator(ImageTranslator):
     resizes them back (bicubic) to each input's width x height. `batch_size` bounds how many images go through the
     generator at once, which bounds memory, not the number of images a call accepts. `fast` runs the generator
     with channels_last, autocast to `dtype` (default: bf16 where the device has bf16 hardware, else fp32; see
-    `precision.py`); build it with fused norms (`from_checkpoint(..., fast=True)` does). The default is the exact
-    fp32 path.
+    `precision.py`; ignored without `fast`); build it with fused norms (`from_checkpoint(..., fast=True)` does).
+    The default is the exact fp32 path.
     """
 
     def __init__(
@@ -128,8 +128,9 @@ class Translator(ImageTranslator):
         self.direction = direction
         self.batch_size = batch_size
         self.fast = fast
-        fast_config = config.replace(precision="fast" if fast else "exact", fast_dtype="auto")
-        self.dtype = dtype if fast and dtype else compute_dtype(fast_config, self.device)
+        # Translation picks its own dtype for the device it runs on, whatever the training run used.
+        auto = torch.bfloat16 if native_bf16(self.device) else torch.float32
+        self.dtype = (dtype or auto) if fast else torch.float32
 
     @classmethod
     def from_checkpoint(
