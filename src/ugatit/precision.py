@@ -3,7 +3,7 @@
 bf16 autocast pays only on hardware with bf16 units: CPUs with AMX or AVX512-BF16, and GPUs with bf16
 tensor cores. Elsewhere PyTorch emulates it, and a bf16 step is several times *slower* than fp32 (a 128 px light
 step took 100 s in bf16 against 13 s for the official fp32 loop on a 2-core AVX2 AMD EPYC). So `fast_dtype="auto"`
-asks the device; the fused norms, fused spectral products, channels_last, fused Adam and batched passes of the
+asks the device; the fused norms, fused spectral products, fused Adam and batched passes of the
 fast path pay in fp32 as well.
 """
 
