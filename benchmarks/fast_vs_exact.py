@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ugatit.config import Config
+from ugatit.config import FAST_DTYPES, Config
 from ugatit.data import infinite_batches, list_images
 from ugatit.trainer import Trainer
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="fast_vs_exact.jsonl")
-    parser.add_argument("--fast-dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    parser.add_argument("--fast-dtype", default="auto", choices=FAST_DTYPES)
     args = parser.parse_args()
 
     config = Config(img_size=args.img_size, ch=args.ch, n_res=args.n_res, light=True, seed=args.seed)

@@ -26,10 +26,10 @@ import time
 
 import torch
 
-from ugatit.config import Config
+from ugatit.config import FAST_DTYPES, Config
 from ugatit.losses import discriminator_losses, generator_losses
 from ugatit.norms import clip_rho
-from ugatit.precision import compute_dtype, native_bf16
+from ugatit.precision import native_bf16, resolve_dtype
 from ugatit.trainer import Trainer
 
 PATHS = ("official", "exact", "fast")
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument(
         "--fast-dtype",
         default="auto",
-        choices=["auto", "bfloat16", "float32"],
+        choices=FAST_DTYPES,
         help="the fast path's compute dtype (auto: bf16 where the device has bf16 hardware)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the fast path")
@@ -151,10 +151,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, {cpu}")
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}")
-    fast_dtype = compute_dtype(Config(precision="fast", fast_dtype=args.fast_dtype), args.device)
+    fast_dtype = resolve_dtype(args.fast_dtype, args.device)
     print(
-        f"fast path computes in {fast_dtype} (--fast-dtype {args.fast_dtype}; bf16 hardware here: "
-        f"{native_bf16(args.device)})"
+        f"fast path computes in {fast_dtype} (--fast-dtype {args.fast_dtype}; native bf16: {native_bf16(args.device)})"
     )
     base = statistics.median(times[paths[0]])
     print(f"{'path':<10}{'median s/step':>15}{'speed-up':>10}{'warm-up s':>11}{'peak memory':>14}")

@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 
 from ugatit.checkpoint import save_model
-from ugatit.config import Config
+from ugatit.config import FAST_DTYPES, Config
 from ugatit.inference import Translator
 from ugatit.models import build_generator
-from ugatit.precision import DTYPES
+from ugatit.precision import resolve_dtype
 
 
 def timed(translate, images, reps: int) -> list[float]:
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument(
         "--fast-dtype",
         default="auto",
-        choices=["auto", "bfloat16", "float32"],
+        choices=FAST_DTYPES,
         help="the fast backend's compute dtype (auto: bf16 where the device has bf16 hardware)",
     )
     args = parser.parse_args()
@@ -62,10 +62,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "g.safetensors"
         save_model(checkpoint, {"genA2B": generator.state_dict()}, config)
+        fast_dtype = resolve_dtype(args.fast_dtype, args.device)
         backends = {
             "torch exact": Translator.from_checkpoint(checkpoint, "A2B", args.device, args.batch_size),
             "torch fast": Translator.from_checkpoint(
-                checkpoint, "A2B", args.device, args.batch_size, fast=True, dtype=DTYPES.get(args.fast_dtype)
+                checkpoint, "A2B", args.device, args.batch_size, fast=True, dtype=fast_dtype
             ),
         }
         try:
@@ -87,7 +88,7 @@ def main() -> None:
     mode = "full" if args.full else "light"
     print(f"translate, {args.img_size} px, ch {args.ch}, {mode}; torch {torch.__version__}, {args.device}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
-          f"torch fast in {backends['torch fast'].dtype}")  # fmt: skip
+          f"torch fast in {fast_dtype}")  # fmt: skip
     print(f"{'backend':<14}{'ms/image (batch 1)':>20}{f'images/s (batch {args.batch_size})':>22}")
     for name in backends:
         ms = statistics.median(latency[name]) * 1000

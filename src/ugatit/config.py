@@ -12,6 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+# The fast path's compute dtypes by name; "auto" resolves per device (precision.resolve_dtype).
+FAST_DTYPES = ("auto", "bfloat16", "float32")
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message says which and what to use instead."""
@@ -86,8 +89,8 @@ class Config:
             )
         if self.precision not in ("exact", "fast"):
             raise ConfigError(f"precision={self.precision!r} must be 'exact' or 'fast'")
-        if self.fast_dtype not in ("auto", "bfloat16", "float32"):
-            raise ConfigError(f"fast_dtype={self.fast_dtype!r} must be 'auto', 'bfloat16' or 'float32'")
+        if self.fast_dtype not in FAST_DTYPES:
+            raise ConfigError(f"fast_dtype={self.fast_dtype!r} must be one of: {', '.join(FAST_DTYPES)}")
         if self.crop_margin < 0:
             raise ConfigError(f"crop_margin={self.crop_margin} must be >= 0")
         if self.cache_images not in ("auto", "yes", "no"):

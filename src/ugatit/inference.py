@@ -28,7 +28,7 @@ from .checkpoint import CheckpointError, load_model
 from .config import Config
 from .data import eval_transform, list_images, load_rgb, to_image
 from .models import build_generator
-from .precision import autocast, native_bf16
+from .precision import autocast, resolve_dtype
 from .visualize import overlay_heatmap, save_image
 
 DIRECTIONS = {"A2B": "genA2B", "B2A": "genB2A"}
@@ -129,8 +129,7 @@ class Translator(ImageTranslator):
         self.batch_size = batch_size
         self.fast = fast
         # Translation picks its own dtype for the device it runs on, whatever the training run used.
-        auto = torch.bfloat16 if native_bf16(self.device) else torch.float32
-        self.dtype = (dtype or auto) if fast else torch.float32
+        self.dtype = (dtype or resolve_dtype("auto", self.device)) if fast else torch.float32
 
     @classmethod
     def from_checkpoint(

@@ -13,8 +13,6 @@ import torch
 
 from .config import Config
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
 
 def native_bf16(device: torch.device | str) -> bool:
     """Whether `device` runs bf16 convolutions and matrix products on bf16 hardware rather than by emulation."""
@@ -27,14 +25,17 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
-def compute_dtype(config: Config, device: torch.device | str) -> torch.dtype:
-    """The autocast dtype of a run: fp32 on the exact path; on the fast path `config.fast_dtype`, where "auto"
-    means bf16 if `native_bf16(device)`, else fp32."""
-    if not config.fast:
-        return torch.float32
-    if config.fast_dtype == "auto":
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The dtype that a `Config.fast_dtype` name stands for on `device`: "auto" is bf16 if `native_bf16(device)`,
+    else fp32."""
+    if name == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
-    return DTYPES[config.fast_dtype]
+    return getattr(torch, name)
+
+
+def compute_dtype(config: Config, device: torch.device | str) -> torch.dtype:
+    """The autocast dtype of a run: fp32 on the exact path, `config.fast_dtype` resolved for `device` on the fast."""
+    return resolve_dtype(config.fast_dtype, device) if config.fast else torch.float32
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype) -> torch.autocast:
