@@ -49,7 +49,7 @@ def test_fast_kernels_in_fp32_match_the_exact_step(record_gradients):
     errors = _relative_grad_errors(exact_grads, fast_grads)
     assert statistics.median(errors.values()) <= 1e-5
     assert max(errors.values()) <= 1e-2, max(errors, key=errors.get)
-    assert fast.memory_format == torch.contiguous_format  # fp32 on CPU: NCHW (precision.training_memory_format)
+    assert fast.memory_format == torch.contiguous_format  # fp32 on CPU: NCHW (precision.fast_memory_format)
     assert fast.nets["genA2B"].DownBlock[1].weight.is_contiguous()
 
 
@@ -218,15 +218,22 @@ def test_fast_dtype_is_bf16_only_where_the_hardware_has_it():
     assert Trainer(fast).dtype == compute_dtype(fast, "cpu")
 
 
-def test_training_layout_is_channels_last_except_fp32_on_cpu():
-    from ugatit.precision import training_memory_format
+def test_fast_layout_is_channels_last_except_fp32_on_cpu(tmp_path):
+    from ugatit.checkpoint import save_model
+    from ugatit.inference import Translator
+    from ugatit.precision import fast_memory_format
 
-    assert training_memory_format("cpu", torch.float32) == torch.contiguous_format
-    assert training_memory_format("cpu", torch.bfloat16) == torch.channels_last
-    assert training_memory_format("cuda", torch.float32) == torch.channels_last
+    assert fast_memory_format("cpu", torch.float32) == torch.contiguous_format
+    assert fast_memory_format("cpu", torch.bfloat16) == torch.channels_last
+    assert fast_memory_format("cuda", torch.float32) == torch.channels_last
     trainer = Trainer(BASE.replace(precision="fast", fast_dtype="bfloat16"))
     assert trainer.memory_format == torch.channels_last
     assert trainer.nets["genA2B"].DownBlock[1].weight.is_contiguous(memory_format=torch.channels_last)
+    save_model(tmp_path / "g.safetensors", {"genA2B": trainer.nets["genA2B"].state_dict()}, BASE)
+    for dtype, layout in ((torch.float32, torch.contiguous_format), (torch.bfloat16, torch.channels_last)):
+        translator = Translator.from_checkpoint(tmp_path / "g.safetensors", fast=True, dtype=dtype)
+        assert translator.memory_format == layout
+        assert translator.generator.DownBlock[1].weight.is_contiguous(memory_format=layout)
 
 
 def test_fast_fp32_step_keeps_fp32_activations():

@@ -28,7 +28,7 @@ from .checkpoint import CheckpointError, load_model
 from .config import Config
 from .data import eval_transform, list_images, load_rgb, to_image
 from .models import build_generator
-from .precision import autocast, resolve_dtype
+from .precision import autocast, fast_memory_format, resolve_dtype
 from .visualize import overlay_heatmap, save_image
 
 DIRECTIONS = {"A2B": "genA2B", "B2A": "genB2A"}
@@ -105,8 +105,9 @@ class Translator(ImageTranslator):
     Results come at the trained `img_size`, the only size a full (non-light) generator accepts; `original_size=True`
     resizes them back (bicubic) to each input's width x height. `batch_size` bounds how many images go through the
     generator at once, which bounds memory, not the number of images a call accepts. `fast` runs the generator
-    with channels_last, autocast to `dtype` (default: bf16 where the device has bf16 hardware, else fp32; see
-    `precision.py`; ignored without `fast`); build it with fused norms (`from_checkpoint(..., fast=True)` does).
+    autocast to `dtype` (default: bf16 where the device has bf16 hardware, else fp32; see `precision.py`; ignored
+    without `fast`) in `precision.fast_memory_format`; build it with its fast kernels (`from_checkpoint(...,
+    fast=True)` does).
     The default is the exact fp32 path.
     """
 
@@ -122,14 +123,15 @@ class Translator(ImageTranslator):
         generator_name(direction)  # refuses an unknown direction now rather than at the first call
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be a positive integer")
-        self.memory_format = torch.channels_last if fast else torch.contiguous_format
-        self.generator = generator.eval().requires_grad_(False).to(memory_format=self.memory_format)
+        self.generator = generator.eval().requires_grad_(False)
         self.config = config
         self.direction = direction
         self.batch_size = batch_size
         self.fast = fast
         # Translation picks its own dtype for the device it runs on, whatever the training run used.
         self.dtype = (dtype or resolve_dtype("auto", self.device)) if fast else torch.float32
+        self.memory_format = fast_memory_format(self.device, self.dtype) if fast else torch.contiguous_format
+        self.generator.to(memory_format=self.memory_format)
 
     @classmethod
     def from_checkpoint(

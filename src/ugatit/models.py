@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import winograd
 from .config import Config
 from .norms import ILN, AdaILN, InstanceNorm, autocast_off, raw_weight, spectral_norm, spectral_parts, weight_matrix
 
@@ -53,6 +54,24 @@ class ReflectionPad2d(nn.ReflectionPad2d):
             return super().forward(x)
 
 
+class Conv3x3(nn.Conv2d):
+    """The generator's 3 x 3, stride 1 convolution of an already padded input (an `nn.Conv2d`, same parameters).
+
+    `fast` lets the layers that pay go through Winograd's F(4x4, 3x3) (`winograd.py`): fp32 on a CPU, where they
+    are most of a training step and the direct kernels already run at the cores' peak. Everywhere else, and always
+    on the exact path, it is the library's convolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, fast: bool = False):
+        super().__init__(in_channels, out_channels, 3, 1, 0, bias=False)
+        self.fast = fast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and winograd.pays(x, self.weight):
+            return winograd.conv3x3(x, self.weight)
+        return super().forward(x)
+
+
 def _checkpointed(segments: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """Run segments one after another, storing only their inputs (segments must not start with an in-place op)."""
     for segment in segments:
@@ -61,16 +80,16 @@ def _checkpointed(segments: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, dim: int, fused: bool = False):
+    def __init__(self, dim: int, fast: bool = False):
         super().__init__()
         self.conv_block = nn.Sequential(
             ReflectionPad2d(1),
-            nn.Conv2d(dim, dim, 3, 1, 0, bias=False),
-            InstanceNorm(fused),
+            Conv3x3(dim, dim, fast),
+            InstanceNorm(fast),
             nn.ReLU(True),
             ReflectionPad2d(1),
-            nn.Conv2d(dim, dim, 3, 1, 0, bias=False),
-            InstanceNorm(fused),
+            Conv3x3(dim, dim, fast),
+            InstanceNorm(fast),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,15 +97,15 @@ class ResnetBlock(nn.Module):
 
 
 class ResnetAdaILNBlock(nn.Module):
-    def __init__(self, dim: int, fused: bool = False):
+    def __init__(self, dim: int, fast: bool = False):
         super().__init__()
         self.pad1 = ReflectionPad2d(1)
-        self.conv1 = nn.Conv2d(dim, dim, 3, 1, 0, bias=False)
-        self.norm1 = AdaILN(dim, fused=fused)
+        self.conv1 = Conv3x3(dim, dim, fast)
+        self.norm1 = AdaILN(dim, fused=fast)
         self.relu1 = nn.ReLU(True)
         self.pad2 = ReflectionPad2d(1)
-        self.conv2 = nn.Conv2d(dim, dim, 3, 1, 0, bias=False)
-        self.norm2 = AdaILN(dim, fused=fused)
+        self.conv2 = Conv3x3(dim, dim, fast)
+        self.norm2 = AdaILN(dim, fused=fast)
 
     def forward(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.norm1(self.conv1(self.pad1(x)), gamma, beta))
@@ -98,8 +117,9 @@ class ResnetGenerator(nn.Module):
     """Encoder, CAM, gamma/beta MLP, AdaILN residual decoder and upsampling (UGATIT_SPEC.md section 1.1).
 
     In full mode the MLP reads the whole flattened bottleneck, which binds the network to `img_size`; light mode
-    pools it first and runs at any size that is a multiple of 4. `fused` selects the fast normalisation kernels,
-    `grad_checkpoint` recomputes block insides in the backward instead of storing them; neither changes the weights.
+    pools it first and runs at any size that is a multiple of 4. `fast` selects the fused normalisation kernels and
+    Winograd convolutions where they pay (`Conv3x3`); `grad_checkpoint` recomputes block insides in the backward
+    instead of storing them. Neither changes the weights.
     """
 
     def __init__(
@@ -109,7 +129,7 @@ class ResnetGenerator(nn.Module):
         img_size: int = 256,
         light: bool = False,
         *,
-        fused: bool = False,
+        fast: bool = False,
         grad_checkpoint: bool = False,
     ):
         super().__init__()
@@ -120,7 +140,7 @@ class ResnetGenerator(nn.Module):
         down = [
             ReflectionPad2d(3),
             nn.Conv2d(3, ch, 7, 1, 0, bias=False),
-            InstanceNorm(fused),
+            InstanceNorm(fast),
             nn.ReLU(True),
         ]
         for i in range(2):
@@ -128,10 +148,10 @@ class ResnetGenerator(nn.Module):
             down += [
                 ReflectionPad2d(1),
                 nn.Conv2d(ch * mult, ch * mult * 2, 3, 2, 0, bias=False),
-                InstanceNorm(fused),
+                InstanceNorm(fast),
                 nn.ReLU(True),
             ]
-        down += [ResnetBlock(dim, fused) for _ in range(n_res)]
+        down += [ResnetBlock(dim, fast) for _ in range(n_res)]
 
         self.gap_fc = nn.Linear(dim, 1, bias=False)
         self.gmp_fc = nn.Linear(dim, 1, bias=False)
@@ -141,7 +161,7 @@ class ResnetGenerator(nn.Module):
         self.gamma = nn.Linear(dim, dim, bias=False)
         self.beta = nn.Linear(dim, dim, bias=False)
         for i in range(n_res):
-            setattr(self, f"UpBlock1_{i + 1}", ResnetAdaILNBlock(dim, fused))
+            setattr(self, f"UpBlock1_{i + 1}", ResnetAdaILNBlock(dim, fast))
 
         up = []
         for i in range(2):
@@ -149,8 +169,8 @@ class ResnetGenerator(nn.Module):
             up += [
                 nn.Upsample(scale_factor=2, mode="nearest"),
                 ReflectionPad2d(1),
-                nn.Conv2d(ch * mult, ch * mult // 2, 3, 1, 0, bias=False),
-                ILN(ch * mult // 2, fused=fused),
+                Conv3x3(ch * mult, ch * mult // 2, fast),
+                ILN(ch * mult // 2, fused=fast),
                 nn.ReLU(True),
             ]
         up += [ReflectionPad2d(3), nn.Conv2d(ch, 3, 7, 1, 0, bias=False), nn.Tanh()]
@@ -310,7 +330,7 @@ def build_generator(config: Config) -> ResnetGenerator:
         config.n_res,
         config.img_size,
         config.light,
-        fused=config.fast,
+        fast=config.fast,
         grad_checkpoint=config.grad_checkpoint,
     )
 

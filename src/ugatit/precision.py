@@ -44,14 +44,14 @@ def autocast(device: torch.device | str, dtype: torch.dtype) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def training_memory_format(device: torch.device | str, dtype: torch.dtype) -> torch.memory_format:
-    """The fast path's activation and generator-weight layout in training: channels_last, except for fp32 on CPU.
+def fast_memory_format(device: torch.device | str, dtype: torch.dtype) -> torch.memory_format:
+    """The fast path's layout for activations and generator weights: channels_last, except for fp32 on CPU.
 
-    channels_last spares oneDNN (bf16, AMX) and cuDNN their layout conversions. In fp32 on CPU oneDNN's
-    channels_last weight gradients are slow at large maps: on a 2-core AVX2 AMD EPYC, forward + backward of the
-    upsampling convolutions (256->128 at 64 px, 128->64 at 128 px, batch 2) took 116 and 141 ms against 90 and
-    96 ms in NCHW, which made the whole fp32 step slower (benchmarks/train_step.py). Inference keeps
-    channels_last: its forward convolutions were faster in it there too.
+    channels_last spares oneDNN (bf16, AMX) and cuDNN their layout conversions. In fp32 on CPU the generators'
+    large 3 x 3 convolutions run as Winograd products (`winograd.py`), which read and write NCHW, and oneDNN's
+    channels_last fp32 weight gradients are slow at large maps: on a 2-core AVX2 AMD EPYC, forward + backward of
+    the upsampling convolutions (256->128 at 64 px, 128->64 at 128 px, batch 2) took 116 and 141 ms against 90 and
+    96 ms in NCHW. A 256 px fp32 translation took 564 ms in NCHW against 649 ms in channels_last there.
     """
     if torch.device(device).type == "cpu" and dtype == torch.float32:
         return torch.contiguous_format

@@ -22,7 +22,7 @@ from .config import Config
 from .losses import discriminator_losses, generator_losses
 from .models import DISCRIMINATORS, GENERATORS, build_networks
 from .norms import clip_rho
-from .precision import autocast, compute_dtype, training_memory_format
+from .precision import autocast, compute_dtype, fast_memory_format
 
 
 def learning_rate(config: Config, step: int) -> float:
@@ -63,11 +63,11 @@ class Trainer:
     ):
         self.config = config
         self.device = torch.device(device)
-        # The fast path's layout for activations and generator weights (`precision.training_memory_format`). The
+        # The fast path's layout for activations and generator weights (`precision.fast_memory_format`). The
         # discriminators' weights stay contiguous: their big layers run as matrix products (models._fast_conv), and
         # fused Adam would copy a channels_last tensor at every step.
         self.dtype = compute_dtype(config, self.device)
-        fast_format = training_memory_format(self.device, self.dtype)
+        fast_format = fast_memory_format(self.device, self.dtype)
         self.memory_format = fast_format if config.fast else torch.contiguous_format
         self.nets = {
             name: net.to(

@@ -1,0 +1,160 @@
+"""3x3 convolutions by Winograd's minimal filtering F(4x4, 3x3), for fp32 on CPUs.
+
+Where the fast path computes in fp32 (CPUs without bf16 units), the generators' 3x3 convolutions are nearly all of
+a training step, and oneDNN already runs them near the cores' fp32 peak: the only way to go faster is fewer
+multiplications. F(4x4, 3x3) (Lavin & Gray 2016) computes each 4 x 4 output tile from a 6 x 6 input tile with 36
+products per channel pair instead of 144: the input tiles and the filters are carried into a transformed domain,
+multiplied there as 36 independent matrix products over the channels, and the result carried back. Its backward is
+the same algebra transposed (grad input and grad weight are 36 matrix products each), so training gains too.
+
+The transforms are exact in real arithmetic; in fp32 they add rounding of about 1e-5 of the output's scale, far
+inside the fast path's tolerance and well under bf16's. The exact path never comes here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# Interpolation points 0, 1, -1, 2, -2 and infinity (Lavin & Gray, section 4.2): Y = A^T [(G g G^T) * (B^T d B)] A.
+_BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+       (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))  # fmt: skip
+_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+      (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))  # fmt: skip
+_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+TILE = 4  # outputs per tile side; input tiles are TILE + 2 wide and overlap by 2
+
+
+# Where F(4x4, 3x3) paid on a 2-core AVX2 AMD EPYC (forward + backward against oneDNN's direct fp32 kernels, NCHW):
+# 256 -> 256 channels at 32 x 32, batch 2 (128 tiles): 1.45x; at 64 x 64: 1.6x; 256 -> 128 at 64 and 128 px: 1.3x.
+# It lost with fewer tiles (batch 1 at 32 x 32: 0.8x) and with few channels (128 -> 64 at 128 px: 0.8x), where the
+# transforms, which cost in proportion to C_in + C_out, outweigh the products saved, in proportion to C_in * C_out.
+MIN_TILES = 128
+MIN_CHANNELS = 64  # C_in * C_out / (C_in + C_out): 128 for 256 -> 256, 85 for 256 -> 128, 43 for 128 -> 64
+
+
+@functools.cache
+def _transforms(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The input and output transforms as Kronecker products of the 1-D ones (36 x 36, 16 x 36), and the 1-D filter
+    transform G (6 x 3), rounded to `dtype` once from float64. Filters are transformed one side at a time: as one
+    36 x 9 product, MKL took 3x longer with a 9-long inner dimension."""
+
+    def kron(m: tuple) -> torch.Tensor:
+        one = torch.tensor(m, dtype=torch.float64)
+        return torch.kron(one, one).to(device, dtype)
+
+    return kron(_BT), torch.tensor(_G, dtype=torch.float64).to(device, dtype), kron(_AT)
+
+
+def pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `conv3x3(x, weight)` should replace the library's kernel: fp32 on a CPU outside autocast (bf16 units
+    and GPUs have faster kernels of their own), outside torch.compile (which picks its own), and a layer large
+    enough for the transforms to pay (MIN_TILES, MIN_CHANNELS)."""
+    c_out, c_in = weight.shape[:2]
+    n, _, height, width = x.shape
+    tiles = n * -(-(height - 2) // TILE) * -(-(width - 2) // TILE)
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and tiles >= MIN_TILES
+        and c_in * c_out >= MIN_CHANNELS * (c_in + c_out)
+    )
+
+
+def _input_tiles(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """B^T d B for every 6 x 6 input tile of an unpadded-convolution input x (N, C, H + 2, W + 2): (36, C, N*T),
+    with the output size padded up to whole tiles by zeros; returns it with the tile counts (th, tw)."""
+    n, c, height, width = x.shape
+    th, tw = -(-(height - 2) // TILE), -(-(width - 2) // TILE)
+    extra_h, extra_w = TILE * th + 2 - height, TILE * tw + 2 - width
+    if extra_h or extra_w:
+        x = torch.nn.functional.pad(x, (0, extra_w, 0, extra_h))
+    windows = x.unfold(2, TILE + 2, TILE).unfold(3, TILE + 2, TILE)  # N, C, th, tw, 6, 6
+    d = windows.permute(4, 5, 1, 0, 2, 3).reshape(36, -1)
+    kb, _, _ = _transforms(x.device, x.dtype)
+    return (kb @ d).view(36, c, n * th * tw), th, tw
+
+
+def _filters(weight: torch.Tensor) -> torch.Tensor:
+    """G g G^T for every filter: (36, C_out, C_in)."""
+    _, g, _ = _transforms(weight.device, weight.dtype)
+    c_out, c_in = weight.shape[:2]
+    rows = g @ weight.reshape(-1, 9).t().contiguous().view(3, -1)  # G g: (6, 3 * C_out * C_in)
+    return torch.matmul(g, rows.view(6, 3, -1)).view(36, c_out, c_in)  # (G g) G^T
+
+
+def _filters_grad(du: torch.Tensor) -> torch.Tensor:
+    """The transpose of `_filters`: (36, C_out, C_in) -> (C_out, C_in, 3, 3), G^T du G."""
+    _, g, _ = _transforms(du.device, du.dtype)
+    c_out, c_in = du.shape[1:]
+    cols = torch.matmul(g.t(), du.view(6, 6, -1))  # (6, 3, C_out * C_in)
+    return (g.t() @ cols.view(6, -1)).view(3, 3, c_out, c_in).permute(2, 3, 0, 1)
+
+
+def _output(m: torch.Tensor, n: int, th: int, tw: int, height: int, width: int) -> torch.Tensor:
+    """A^T m A back to images: m (36, C_out, N*T) -> (N, C_out, height, width), the padding tiles cut off."""
+    _, _, ka = _transforms(m.device, m.dtype)
+    c_out = m.shape[1]
+    y = (ka @ m.view(36, -1)).view(TILE, TILE, c_out, n, th, tw)
+    y = y.permute(3, 2, 4, 0, 5, 1).reshape(n, c_out, TILE * th, TILE * tw)
+    return y[:, :, :height, :width].contiguous()
+
+
+def _output_grad(grad: torch.Tensor, th: int, tw: int) -> torch.Tensor:
+    """The transpose of `_output`: the output gradient (N, C_out, H, W) to the transformed domain, (36, C_out, N*T)."""
+    n, c_out, height, width = grad.shape
+    extra_h, extra_w = TILE * th - height, TILE * tw - width
+    if extra_h or extra_w:
+        grad = torch.nn.functional.pad(grad, (0, extra_w, 0, extra_h))
+    tiles = grad.view(n, c_out, th, TILE, tw, TILE).permute(3, 5, 1, 0, 2, 4).reshape(16, -1)
+    _, _, ka = _transforms(grad.device, grad.dtype)
+    return (ka.t() @ tiles).view(36, c_out, n * th * tw)
+
+
+def _input_grad(dv: torch.Tensor, shape: torch.Size, th: int, tw: int) -> torch.Tensor:
+    """The transpose of `_input_tiles`: transformed-domain gradients (36, C, N*T) summed back into the
+    overlapping 6 x 6 input tiles, (N, C, H + 2, W + 2)."""
+    n, c, height, width = shape
+    kb, _, _ = _transforms(dv.device, dv.dtype)
+    tiles = (kb.t() @ dv.view(36, -1)).view(6, 6, c, n, th, tw).permute(3, 2, 4, 0, 5, 1)  # N, C, th, 6, tw, 6
+    grad = dv.new_zeros(n, c, TILE * (th + 1), TILE * (tw + 1))
+    blocks = grad.view(n, c, th + 1, TILE, tw + 1, TILE)
+    # Each 6-wide tile side is one whole 4-wide block plus the first 2 of the next block.
+    for rows, row_src in ((slice(0, th), slice(0, TILE)), (slice(1, th + 1), slice(TILE, TILE + 2))):
+        for cols, col_src in ((slice(0, tw), slice(0, TILE)), (slice(1, tw + 1), slice(TILE, TILE + 2))):
+            row_dst = slice(0, row_src.stop - row_src.start)
+            col_dst = slice(0, col_src.stop - col_src.start)
+            blocks[:, :, rows, row_dst, cols, col_dst] += tiles[:, :, :, row_src, :, col_src]
+    return grad[:, :, :height, :width]
+
+
+class _Conv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        v, th, tw = _input_tiles(x)
+        u = _filters(weight)
+        ctx.save_for_backward(x, weight)
+        ctx.tiles = th, tw
+        return _output(torch.bmm(u, v), x.shape[0], th, tw, x.shape[2] - 2, x.shape[3] - 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        th, tw = ctx.tiles
+        dm = _output_grad(grad.contiguous(), th, tw)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _input_grad(torch.bmm(_filters(weight).transpose(1, 2), dm), x.shape, th, tw)
+        if ctx.needs_input_grad[1]:
+            v, _, _ = _input_tiles(x)  # recomputed: the tiles are 2.25x the input, and memory is scarcer than time
+            grad_w = _filters_grad(torch.bmm(dm, v.transpose(1, 2)))
+        return grad_x, grad_w
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`conv2d(x, weight)` for a 3 x 3 filter, stride 1, no padding (pad x first), by F(4x4, 3x3); differentiable
+    in x and weight, in any floating dtype (float64 for gradcheck). The result is NCHW-contiguous."""
+    return _Conv3x3.apply(x.contiguous(), weight.contiguous())
