@@ -27,9 +27,10 @@ TILE = 4  # outputs per tile side; input tiles are TILE + 2 wide and overlap by 
 
 
 # Where F(4x4, 3x3) paid on a 2-core AVX2 AMD EPYC (forward + backward against oneDNN's direct fp32 kernels, NCHW):
-# 256 -> 256 channels at 32 x 32, batch 2 (128 tiles): 1.45x; at 64 x 64: 1.6x; 256 -> 128 at 64 and 128 px: 1.3x.
-# It lost with fewer tiles (batch 1 at 32 x 32: 0.8x) and with few channels (128 -> 64 at 128 px: 0.8x), where the
-# transforms, which cost in proportion to C_in + C_out, outweigh the products saved, in proportion to C_in * C_out.
+# 256 -> 256 channels at 32 x 32, batch 2 (128 tiles): 1.36-1.45x; at 64 x 64: 1.6x; 256 -> 128 at 64 and 128 px:
+# 1.2-1.3x. It did not pay with fewer tiles (batch 1 at 32 x 32: 0.6-1.05x over repeated runs) nor with few channels
+# (128 -> 64 at 128 px: 0.8x), where the transforms, which cost in proportion to C_in + C_out, outweigh the products
+# saved, in proportion to C_in * C_out.
 MIN_TILES = 128
 MIN_CHANNELS = 64  # C_in * C_out / (C_in + C_out): 128 for 256 -> 256, 85 for 256 -> 128, 43 for 128 -> 64
 
@@ -52,23 +53,27 @@ def pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     and GPUs have faster kernels of their own), outside torch.compile (which picks its own), and a layer large
     enough for the transforms to pay (MIN_TILES, MIN_CHANNELS)."""
     c_out, c_in = weight.shape[:2]
-    n, _, height, width = x.shape
-    tiles = n * -(-(height - 2) // TILE) * -(-(width - 2) // TILE)
+    th, tw = _tile_counts(x)
     return (
         x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
-        and tiles >= MIN_TILES
+        and x.shape[0] * th * tw >= MIN_TILES
         and c_in * c_out >= MIN_CHANNELS * (c_in + c_out)
     )
+
+
+def _tile_counts(x: torch.Tensor) -> tuple[int, int]:
+    """Output tiles down and across for an unpadded-convolution input x (N, C, H + 2, W + 2)."""
+    return -(-(x.shape[2] - 2) // TILE), -(-(x.shape[3] - 2) // TILE)
 
 
 def _input_tiles(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """B^T d B for every 6 x 6 input tile of an unpadded-convolution input x (N, C, H + 2, W + 2): (36, C, N*T),
     with the output size padded up to whole tiles by zeros; returns it with the tile counts (th, tw)."""
     n, c, height, width = x.shape
-    th, tw = -(-(height - 2) // TILE), -(-(width - 2) // TILE)
+    th, tw = _tile_counts(x)
     extra_h, extra_w = TILE * th + 2 - height, TILE * tw + 2 - width
     if extra_h or extra_w:
         x = torch.nn.functional.pad(x, (0, extra_w, 0, extra_h))
