@@ -1,4 +1,4 @@
-"""The fast path (fused norms, channels_last, fused Adam, bf16 autocast) against the exact path.
+"""The fast path (fused norms, its layout, fused Adam, bf16 autocast) against the exact path.
 
 Two tolerances. The fast kernels in fp32 (autocast off): one step's gradients match the exact path to a median
 relative error of 1e-5 per tensor; a few tensors fed by long sums (the AdaILN gamma/beta MLP) are ill-conditioned
@@ -41,7 +41,7 @@ def _relative_grad_errors(exact_grads, fast_grads):
 
 
 def test_fast_kernels_in_fp32_match_the_exact_step(record_gradients):
-    exact, fast, a, b = _pair("float32")  # fused norms and products, channels_last, fused Adam; fp32 arithmetic
+    exact, fast, a, b = _pair("float32")  # fused norms and products, NCHW, fused Adam; fp32 arithmetic
     exact_grads, fast_grads = record_gradients(exact), record_gradients(fast)
     exact_terms, fast_terms = exact.train_step(a, b), fast.train_step(a, b)
     assert fast_terms["g_loss"] == pytest.approx(exact_terms["g_loss"], rel=1e-5)

@@ -20,7 +20,7 @@ def _scale_error(reference: torch.Tensor, other: torch.Tensor) -> float:
 )
 def test_outputs_and_gradients_match_direct_convolution(shape):
     """Sizes that are and are not whole tiles (4 outputs + 2), batches, channel counts: outputs and both gradients
-    within 1e-5 of their scale in fp32, and to 1e-12 in float64 (the transforms are exact in real arithmetic)."""
+    within 3e-5 of their scale in fp32, and to 1e-12 in float64 (the transforms are exact in real arithmetic)."""
     n, c_in, height, width, c_out = shape
     generator = torch.Generator().manual_seed(0)
     for dtype, tolerance in ((torch.float32, 3e-5), (torch.float64, 1e-12)):
@@ -65,10 +65,10 @@ def test_fast_generator_uses_winograd_and_matches_the_exact_one():
     x = torch.rand(2, 3, 128, 128) * 2 - 1
     conv = fast.DownBlock[12].conv_block[1]
     assert isinstance(conv, Conv3x3) and conv.fast
-    used = []
-    conv.register_forward_hook(lambda module, inputs, out: used.append(winograd.pays(inputs[0], module.weight)))
+    used = []  # the autograd node of the layer's output names the kernel that ran
+    conv.register_forward_hook(lambda module, inputs, out: used.append(type(out.grad_fn).__name__))
     outputs = [net(x) for net in (exact, fast)]
-    assert used == [True]
+    assert used == ["_Conv3x3Backward"]
     for ref, ours in zip(outputs[0], outputs[1], strict=True):
         assert _scale_error(ref, ours) <= 1e-4
     grads = []

@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backend", default="torch", choices=["torch", "onnxruntime"], help="onnxruntime needs ugatit[onnx]"
     )
-    p.add_argument("--fast", action="store_true", help="torch backend: fused norms, channels_last, bf16 where native")
+    p.add_argument("--fast", action="store_true", help="torch backend: fused kernels, bf16 where native")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_translate)
 

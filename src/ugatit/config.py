@@ -44,8 +44,9 @@ class Config:
     decay: bool = True
     seed: int = 0
     # Speed: "exact" is the fp32 eager path that meets the official parity; "fast" uses fused normalisations,
-    # fused spectral products, channels_last and fused Adam, and autocasts to fast_dtype: "auto" is bf16 where the
-    # device has bf16 hardware (AMX/AVX512-BF16 CPUs, recent GPUs) and fp32 elsewhere (precision.py).
+    # fused spectral products and fused Adam, autocasts to fast_dtype ("auto": bf16 where the device has bf16
+    # hardware, AMX/AVX512-BF16 CPUs and recent GPUs, fp32 elsewhere; precision.py), and in fp32 on CPU runs the
+    # generators' large 3x3 convolutions by Winograd (winograd.py).
     precision: str = "exact"
     fast_dtype: str = "auto"
     compile: bool = False
@@ -74,7 +75,7 @@ class Config:
 
     @property
     def fast(self) -> bool:
-        """The fast path: fused kernels, channels_last, autocast to fast_dtype; else the exact fp32 path."""
+        """The fast path: fused kernels, autocast to fast_dtype, Winograd in fp32 on CPU; else the exact fp32 path."""
         return self.precision == "fast"
 
     def validate(self) -> None:

@@ -107,8 +107,7 @@ class Translator(ImageTranslator):
     generator at once, which bounds memory, not the number of images a call accepts. `fast` runs the generator
     autocast to `dtype` (default: bf16 where the device has bf16 hardware, else fp32; see `precision.py`; ignored
     without `fast`) in `precision.fast_memory_format`; build it with its fast kernels (`from_checkpoint(...,
-    fast=True)` does).
-    The default is the exact fp32 path.
+    fast=True)` does). The default is the exact fp32 path.
     """
 
     def __init__(

@@ -14,6 +14,7 @@ inside the fast path's tolerance and well under bf16's. The exact path never com
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 
@@ -69,18 +70,21 @@ def _tile_counts(x: torch.Tensor) -> tuple[int, int]:
     return -(-(x.shape[2] - 2) // TILE), -(-(x.shape[3] - 2) // TILE)
 
 
-def _input_tiles(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """B^T d B for every 6 x 6 input tile of an unpadded-convolution input x (N, C, H + 2, W + 2): (36, C, N*T),
-    with the output size padded up to whole tiles by zeros; returns it with the tile counts (th, tw)."""
-    n, c, height, width = x.shape
+def _pad_to(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """t with zeros below and to the right up to height x width: outputs cut into whole tiles."""
+    extra_h, extra_w = height - t.shape[2], width - t.shape[3]
+    return torch.nn.functional.pad(t, (0, extra_w, 0, extra_h)) if extra_h or extra_w else t
+
+
+def _input_tiles(x: torch.Tensor) -> torch.Tensor:
+    """B^T d B for every 6 x 6 input tile of an unpadded-convolution input x (N, C, H + 2, W + 2): (36, C, N*T)."""
+    n, c = x.shape[:2]
     th, tw = _tile_counts(x)
-    extra_h, extra_w = TILE * th + 2 - height, TILE * tw + 2 - width
-    if extra_h or extra_w:
-        x = torch.nn.functional.pad(x, (0, extra_w, 0, extra_h))
+    x = _pad_to(x, TILE * th + 2, TILE * tw + 2)
     windows = x.unfold(2, TILE + 2, TILE).unfold(3, TILE + 2, TILE)  # N, C, th, tw, 6, 6
     d = windows.permute(4, 5, 1, 0, 2, 3).reshape(36, -1)
     kb, _, _ = _transforms(x.device, x.dtype)
-    return (kb @ d).view(36, c, n * th * tw), th, tw
+    return (kb @ d).view(36, c, n * th * tw)
 
 
 def _filters(weight: torch.Tensor) -> torch.Tensor:
@@ -110,10 +114,8 @@ def _output(m: torch.Tensor, n: int, th: int, tw: int, height: int, width: int) 
 
 def _output_grad(grad: torch.Tensor, th: int, tw: int) -> torch.Tensor:
     """The transpose of `_output`: the output gradient (N, C_out, H, W) to the transformed domain, (36, C_out, N*T)."""
-    n, c_out, height, width = grad.shape
-    extra_h, extra_w = TILE * th - height, TILE * tw - width
-    if extra_h or extra_w:
-        grad = torch.nn.functional.pad(grad, (0, extra_w, 0, extra_h))
+    n, c_out = grad.shape[:2]
+    grad = _pad_to(grad, TILE * th, TILE * tw)
     tiles = grad.view(n, c_out, th, TILE, tw, TILE).permute(3, 5, 1, 0, 2, 4).reshape(16, -1)
     _, _, ka = _transforms(grad.device, grad.dtype)
     return (ka.t() @ tiles).view(36, c_out, n * th * tw)
@@ -127,35 +129,34 @@ def _input_grad(dv: torch.Tensor, shape: torch.Size, th: int, tw: int) -> torch.
     tiles = (kb.t() @ dv.view(36, -1)).view(6, 6, c, n, th, tw).permute(3, 2, 4, 0, 5, 1)  # N, C, th, 6, tw, 6
     grad = dv.new_zeros(n, c, TILE * (th + 1), TILE * (tw + 1))
     blocks = grad.view(n, c, th + 1, TILE, tw + 1, TILE)
-    # Each 6-wide tile side is one whole 4-wide block plus the first 2 of the next block.
-    for rows, row_src in ((slice(0, th), slice(0, TILE)), (slice(1, th + 1), slice(TILE, TILE + 2))):
-        for cols, col_src in ((slice(0, tw), slice(0, TILE)), (slice(1, tw + 1), slice(TILE, TILE + 2))):
-            row_dst = slice(0, row_src.stop - row_src.start)
-            col_dst = slice(0, col_src.stop - col_src.start)
-            blocks[:, :, rows, row_dst, cols, col_dst] += tiles[:, :, :, row_src, :, col_src]
+    # Each 6-wide tile side is its own 4-wide block plus the first 2 rows (columns) of the next block.
+    sides = ((0, slice(0, TILE)), (1, slice(TILE, TILE + 2)))
+    for (down, rows), (across, cols) in itertools.product(sides, sides):
+        part = tiles[:, :, :, rows, :, cols]
+        blocks[:, :, down : down + th, : part.shape[3], across : across + tw, : part.shape[5]] += part
     return grad[:, :, :height, :width]
 
 
 class _Conv3x3(torch.autograd.Function):
+    # The backward transforms the input and the filters again rather than keeping them from the forward: input
+    # tiles are 2.25x the input and transformed filters 4x the weight, and memory is scarcer than time.
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        v, th, tw = _input_tiles(x)
-        u = _filters(weight)
         ctx.save_for_backward(x, weight)
-        ctx.tiles = th, tw
-        return _output(torch.bmm(u, v), x.shape[0], th, tw, x.shape[2] - 2, x.shape[3] - 2)
+        m = torch.bmm(_filters(weight), _input_tiles(x))
+        return _output(m, x.shape[0], *_tile_counts(x), x.shape[2] - 2, x.shape[3] - 2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, weight = ctx.saved_tensors
-        th, tw = ctx.tiles
+        th, tw = _tile_counts(x)
         dm = _output_grad(grad.contiguous(), th, tw)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = _input_grad(torch.bmm(_filters(weight).transpose(1, 2), dm), x.shape, th, tw)
         if ctx.needs_input_grad[1]:
-            v, _, _ = _input_tiles(x)  # recomputed: the tiles are 2.25x the input, and memory is scarcer than time
-            grad_w = _filters_grad(torch.bmm(dm, v.transpose(1, 2)))
+            grad_w = _filters_grad(torch.bmm(dm, _input_tiles(x).transpose(1, 2)))
         return grad_x, grad_w
 
 
