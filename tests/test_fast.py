@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ugatit.config import Config
-from ugatit.models import ReflectionPad2d, build_networks
+from ugatit.models import Conv2d, Layers, ReflectionPad2d, build_networks
 from ugatit.trainer import Trainer
 
 BASE = Config(img_size=64, ch=8, n_res=2, light=True, global_layers=5, local_layers=4, lr=0.0, weight_decay=0.0)
@@ -183,6 +183,59 @@ def test_reflection_padding_stays_in_bf16_under_autocast():
     assert torch.equal(ours.float(), nn.ReflectionPad2d(2)(x.float()))
     pads = [m for net in build_networks(BASE).values() for m in net.modules() if isinstance(m, nn.ReflectionPad2d)]
     assert pads and all(type(m) is ReflectionPad2d for m in pads)
+
+
+def _saved_bytes(fn, weight_shape: tuple[int, ...] = ()) -> tuple[object, list[int]]:
+    """fn()'s result and the sizes in bytes of the activations autograd saved for its backward (not parameters,
+    nor their autocast copies, of `weight_shape`)."""
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter) and t.shape != weight_shape:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return fn(), saved
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("autocast", [None, torch.float32, torch.bfloat16])  # None: no autocast; else input dtype
+@pytest.mark.parametrize(
+    "kernel,stride,padding,scale", [(3, 1, 1, None), (3, 2, 1, None), (7, 1, 3, None), (3, 1, 1, 2)]
+)
+def test_padded_convolution_is_the_layers_it_replaces_bit_for_bit(layout, autocast, kernel, stride, padding, scale):
+    """The fast generator runs (upsample +) pad + conv as one node that keeps the unpadded input: the same output
+    and gradients to the bit as the library's layers, under bf16 autocast too, and no larger copy kept."""
+    torch.manual_seed(0)
+    conv = Conv2d(16, 24, kernel, stride, fast=True).to(memory_format=layout)
+    layers = [nn.Upsample(scale_factor=scale)] if scale else []
+    layers = Layers(*layers, ReflectionPad2d(padding), conv)
+    x0 = torch.randn(2, 16, 10, 10).to(autocast or torch.float32, memory_format=layout)
+    results = []
+    for fused in (False, True):
+        x = x0.clone().requires_grad_()
+        conv.weight.grad = None
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast is not None):
+            run = layers if fused else nn.Sequential(*layers)
+            y, saved = _saved_bytes(lambda: run(x), conv.weight.shape)  # noqa: B023
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype))
+        results.append((y, x.grad, conv.weight.grad, sum(saved)))
+    (y, grad_x, grad_w, saved), (y_f, grad_x_f, grad_w_f, saved_f) = results
+    assert type(y_f.grad_fn).__name__ == "_PadConvBackward"
+    assert y_f.dtype == y.dtype and torch.equal(y_f, y)
+    assert torch.equal(grad_x_f, grad_x) and torch.equal(grad_w_f, grad_w)
+    kept = x0.numel() * y.element_size()  # x in the convolution's dtype
+    assert saved_f == kept < saved
+
+
+def test_reflection_padding_keeps_only_the_shape_for_its_backward():
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
+    ours, saved = _saved_bytes(lambda: ReflectionPad2d(3)(x))
+    reference = nn.ReflectionPad2d(3)(x)
+    grad = torch.randn_like(reference)
+    assert not saved and torch.equal(ours, reference)
+    assert torch.equal(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(reference, x, grad)[0])
 
 
 @pytest.mark.parametrize("calls", [1, 2])

@@ -41,8 +41,40 @@ def class_activation(
     return torch.cat([gap, gmp], 1), torch.cat([gap_logit, gmp_logit], 1)
 
 
+class _ReflectionPad(torch.autograd.Function):
+    # PyTorch's own reflection pad keeps its whole input for the backward, which needs only the input's shape: in
+    # a training step that pinned the generators' residual-block inputs and upsampled maps, which nothing else
+    # keeps (the fast 128 px G update saved 791 MiB of activations with it, 683 MiB without). Same kernels, so
+    # the same numbers.
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, padding: tuple[int, ...]) -> torch.Tensor:
+        ctx.padding = padding
+        ctx.shape = x.shape
+        ctx.memory_format = _memory_format(x)
+        return F.pad(x, padding, mode="reflect")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _unpad_grad(grad, ctx.shape, ctx.memory_format, ctx.padding), None
+
+
+def _unpad_grad(
+    grad: torch.Tensor, shape: torch.Size, memory_format: torch.memory_format, padding: tuple[int, ...]
+) -> torch.Tensor:
+    """The gradient of a reflection pad's input, in grad's dtype. The kernel reads only the shape and layout of
+    its `self` argument: an uninitialised stand-in does."""
+    like = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=memory_format)
+    return torch.ops.aten.reflection_pad2d_backward(grad, like, list(padding))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 class ReflectionPad2d(nn.ReflectionPad2d):
-    """`nn.ReflectionPad2d` that keeps its input's dtype under autocast.
+    """`nn.ReflectionPad2d` that keeps its input's dtype under autocast and only its shape for the backward.
 
     CPU autocast lists reflection padding among its fp32 ops: in a bf16 network every pad then cast its input up,
     padded twice the bytes and left the next convolution a cast back down: about a quarter of the fast
@@ -51,25 +83,122 @@ class ReflectionPad2d(nn.ReflectionPad2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with autocast_off(x):
+            if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+                return _ReflectionPad.apply(x, self.padding)
             return super().forward(x)
 
 
-class Conv3x3(nn.Conv2d):
-    """The generator's 3 x 3, stride 1 convolution of an already padded input (an `nn.Conv2d`, same parameters).
+class Conv2d(nn.Conv2d):
+    """The generator's convolutions: `nn.Conv2d` without bias or padding of its own (same parameters and keys).
 
-    `fast` lets the layers that pay go through Winograd's F(4x4, 3x3) (`winograd.py`): fp32 on a CPU, where they
-    are most of a training step and the direct kernels already run at the cores' peak. Everywhere else, and always
-    on the exact path, it is the library's convolution.
+    Built `fast`, the 3 x 3, stride 1 layers that pay go through Winograd's F(4x4, 3x3) (`winograd.py`): fp32 on
+    a CPU, where they are most of a training step and the direct kernels already run at the cores' peak; and in
+    training the reflection pad before each one is taken into the convolution (`pad_conv`). Everywhere else, and
+    always on the exact path, it is the library's convolution.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, fast: bool = False):
-        super().__init__(in_channels, out_channels, 3, 1, 0, bias=False)
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, fast: bool = False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, 0, bias=False)
         self.fast = fast
 
+    def winograd(self, x: torch.Tensor) -> bool:
+        """Whether this layer computes its (padded) input x by Winograd."""
+        return self.fast and self.kernel_size == (3, 3) and self.stride == (1, 1) and winograd.pays(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and winograd.pays(x, self.weight):
+        if self.winograd(x):
             return winograd.conv3x3(x, self.weight)
         return super().forward(x)
+
+
+class _PadConv(torch.autograd.Function):
+    # conv(reflection_pad(x)), or conv(reflection_pad(upsample(x))) with nearest upsampling by `scale`, that keeps
+    # only x for the backward and recomputes the rest there. The library's layers keep the padded copy (the
+    # convolution's input) and the pad its input, while x is most often kept anyway, by the ReLU before it, and is
+    # a quarter of an upsampled map: the fast 128 px G update saves 477 MiB of activations instead of 683 MiB.
+    # The same kernels in the same dtypes as autocast's layers (x upsampled and padded in its own dtype,
+    # convolved in `dtype`, its gradient back in its own dtype), so the same numbers; x is kept in `dtype`,
+    # which upsamples and pads to the same values.
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        padding: tuple[int, ...],
+        conv: Conv2d,
+        dtype: torch.dtype,
+        scale: float | None,
+    ) -> torch.Tensor:
+        kept = x.to(dtype)
+        padded = _pad_input(kept, padding, scale)
+        ctx.winograd = conv.winograd(padded)
+        ctx.stride, ctx.padding, ctx.scale, ctx.input_dtype = conv.stride, padding, scale, x.dtype
+        ctx.save_for_backward(kept, weight)
+        if ctx.winograd:
+            return winograd.forward(padded, weight)
+        return F.conv2d(padded, weight, None, conv.stride)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
+        kept, weight = ctx.saved_tensors
+        padded = _pad_input(kept, ctx.padding, ctx.scale)
+        need_x, need_weight = ctx.needs_input_grad[:2]
+        if ctx.winograd:
+            grad_padded, grad_weight = winograd.backward(grad, padded, weight, need_x, need_weight)
+        else:
+            grad_padded, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad, padded, weight, None, ctx.stride, (0, 0), (1, 1), False, (0, 0), 1, (need_x, need_weight, False)
+            )
+        grad_x = None
+        if need_x:
+            pad_h, pad_w = ctx.padding[2] + ctx.padding[3], ctx.padding[0] + ctx.padding[1]
+            shape = (*padded.shape[:2], padded.shape[2] - pad_h, padded.shape[3] - pad_w)
+            grad_x = _unpad_grad(grad_padded.to(ctx.input_dtype), shape, _memory_format(kept), ctx.padding)
+            if ctx.scale:
+                grad_x = torch.ops.aten.upsample_nearest2d_backward(grad_x, shape[2:], kept.shape, ctx.scale, ctx.scale)
+        return grad_x, grad_weight, None, None, None, None
+
+
+def _pad_input(x: torch.Tensor, padding: tuple[int, ...], scale: float | None) -> torch.Tensor:
+    if scale:
+        x = F.interpolate(x, scale_factor=scale, mode="nearest")
+    return F.pad(x, padding, mode="reflect")
+
+
+def pad_conv(
+    pad: ReflectionPad2d, conv: nn.Module, x: torch.Tensor, upsample: nn.Upsample | None = None
+) -> torch.Tensor:
+    """conv(pad(x)), or conv(pad(upsample(x))); for a fast `Conv2d` in training, by `_PadConv`."""
+    training = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+    if not (isinstance(conv, Conv2d) and conv.fast and training and not torch.compiler.is_compiling()):
+        return conv(pad(upsample(x) if upsample else x))
+    weight, dtype = conv.weight, x.dtype
+    if torch.is_autocast_enabled(x.device.type):  # convolve in the dtype autocast would have
+        dtype = torch.get_autocast_dtype(x.device.type)
+        weight = weight.to(dtype)
+    scale = float(upsample.scale_factor) if upsample else None
+    with autocast_off(x):
+        return _PadConv.apply(x, weight, pad.padding, conv, dtype, scale)
+
+
+class Layers(nn.Sequential):
+    """`nn.Sequential` that runs each reflection pad together with the convolution after it, and the nearest
+    upsampling before it if any (`pad_conv`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self)
+        i = 0
+        while i < len(layers):
+            upsample = layers[i] if isinstance(layers[i], nn.Upsample) and layers[i].mode == "nearest" else None
+            pad = i + (upsample is not None)
+            if pad + 1 < len(layers) and isinstance(layers[pad], ReflectionPad2d):
+                x = pad_conv(layers[pad], layers[pad + 1], x, upsample)
+                i = pad + 2
+            else:
+                x = layers[i](x)
+                i += 1
+        return x
 
 
 def _checkpointed(segments: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -82,13 +211,13 @@ def _checkpointed(segments: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
 class ResnetBlock(nn.Module):
     def __init__(self, dim: int, fast: bool = False):
         super().__init__()
-        self.conv_block = nn.Sequential(
+        self.conv_block = Layers(
             ReflectionPad2d(1),
-            Conv3x3(dim, dim, fast),
+            Conv2d(dim, dim, 3, 1, fast),
             InstanceNorm(fast),
             nn.ReLU(True),
             ReflectionPad2d(1),
-            Conv3x3(dim, dim, fast),
+            Conv2d(dim, dim, 3, 1, fast),
             InstanceNorm(fast),
         )
 
@@ -100,16 +229,16 @@ class ResnetAdaILNBlock(nn.Module):
     def __init__(self, dim: int, fast: bool = False):
         super().__init__()
         self.pad1 = ReflectionPad2d(1)
-        self.conv1 = Conv3x3(dim, dim, fast)
+        self.conv1 = Conv2d(dim, dim, 3, 1, fast)
         self.norm1 = AdaILN(dim, fused=fast)
         self.relu1 = nn.ReLU(True)
         self.pad2 = ReflectionPad2d(1)
-        self.conv2 = Conv3x3(dim, dim, fast)
+        self.conv2 = Conv2d(dim, dim, 3, 1, fast)
         self.norm2 = AdaILN(dim, fused=fast)
 
     def forward(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.norm1(self.conv1(self.pad1(x)), gamma, beta))
-        out = self.norm2(self.conv2(self.pad2(out)), gamma, beta)
+        out = self.relu1(self.norm1(pad_conv(self.pad1, self.conv1, x), gamma, beta))
+        out = self.norm2(pad_conv(self.pad2, self.conv2, out), gamma, beta)
         return out + x
 
 
@@ -118,7 +247,7 @@ class ResnetGenerator(nn.Module):
 
     In full mode the MLP reads the whole flattened bottleneck, which binds the network to `img_size`; light mode
     pools it first and runs at any size that is a multiple of 4. `fast` selects the fused normalisation kernels and
-    Winograd convolutions where they pay (`Conv3x3`); `grad_checkpoint` recomputes block insides in the backward
+    Winograd convolutions where they pay (`Conv2d`); `grad_checkpoint` recomputes block insides in the backward
     instead of storing them. Neither changes the weights.
     """
 
@@ -139,7 +268,7 @@ class ResnetGenerator(nn.Module):
         dim = ch * 4
         down = [
             ReflectionPad2d(3),
-            nn.Conv2d(3, ch, 7, 1, 0, bias=False),
+            Conv2d(3, ch, 7, 1, fast),
             InstanceNorm(fast),
             nn.ReLU(True),
         ]
@@ -147,7 +276,7 @@ class ResnetGenerator(nn.Module):
             mult = 2**i
             down += [
                 ReflectionPad2d(1),
-                nn.Conv2d(ch * mult, ch * mult * 2, 3, 2, 0, bias=False),
+                Conv2d(ch * mult, ch * mult * 2, 3, 2, fast),
                 InstanceNorm(fast),
                 nn.ReLU(True),
             ]
@@ -169,18 +298,18 @@ class ResnetGenerator(nn.Module):
             up += [
                 nn.Upsample(scale_factor=2, mode="nearest"),
                 ReflectionPad2d(1),
-                Conv3x3(ch * mult, ch * mult // 2, fast),
+                Conv2d(ch * mult, ch * mult // 2, 3, 1, fast),
                 ILN(ch * mult // 2, fused=fast),
                 nn.ReLU(True),
             ]
-        up += [ReflectionPad2d(3), nn.Conv2d(ch, 3, 7, 1, 0, bias=False), nn.Tanh()]
+        up += [ReflectionPad2d(3), Conv2d(ch, 3, 7, 1, fast), nn.Tanh()]
 
         # Registered last, as in the official code, so that state_dict() lists keys in the official order.
-        self.DownBlock = nn.Sequential(*down)
+        self.DownBlock = Layers(*down)
         self.FC = nn.Sequential(
             nn.Linear(mlp_in, dim, bias=False), nn.ReLU(True), nn.Linear(dim, dim, bias=False), nn.ReLU(True)
         )
-        self.UpBlock2 = nn.Sequential(*up)
+        self.UpBlock2 = Layers(*up)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         checkpointing = self.grad_checkpoint and torch.is_grad_enabled()

@@ -137,27 +137,34 @@ def _input_grad(dv: torch.Tensor, shape: torch.Size, th: int, tw: int) -> torch.
     return grad[:, :, :height, :width]
 
 
-class _Conv3x3(torch.autograd.Function):
-    # The backward transforms the input and the filters again rather than keeping them from the forward: input
-    # tiles are 2.25x the input and transformed filters 4x the weight, and memory is scarcer than time.
+def forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`conv2d(x, weight)` for a 3 x 3 filter, stride 1, no padding: NCHW-contiguous x and weight, no autograd."""
+    m = torch.bmm(_filters(weight), _input_tiles(x))
+    return _output(m, x.shape[0], *_tile_counts(x), x.shape[2] - 2, x.shape[3] - 2)
 
+
+def backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool = True, need_weight: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of `forward(x, weight)` in x and weight given the output's; the input tiles and the filters
+    are transformed again rather than kept from the forward: input tiles are 2.25x the input and transformed
+    filters 4x the weight, and memory is scarcer than time."""
+    th, tw = _tile_counts(x)
+    dm = _output_grad(grad.contiguous(), th, tw)
+    grad_x = _input_grad(torch.bmm(_filters(weight).transpose(1, 2), dm), x.shape, th, tw) if need_x else None
+    grad_w = _filters_grad(torch.bmm(dm, _input_tiles(x).transpose(1, 2))) if need_weight else None
+    return grad_x, grad_w
+
+
+class _Conv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        m = torch.bmm(_filters(weight), _input_tiles(x))
-        return _output(m, x.shape[0], *_tile_counts(x), x.shape[2] - 2, x.shape[3] - 2)
+        return forward(x, weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x, weight = ctx.saved_tensors
-        th, tw = _tile_counts(x)
-        dm = _output_grad(grad.contiguous(), th, tw)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _input_grad(torch.bmm(_filters(weight).transpose(1, 2), dm), x.shape, th, tw)
-        if ctx.needs_input_grad[1]:
-            grad_w = _filters_grad(torch.bmm(dm, _input_tiles(x).transpose(1, 2)))
-        return grad_x, grad_w
+        return backward(grad, *ctx.saved_tensors, *ctx.needs_input_grad)
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
