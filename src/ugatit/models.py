@@ -131,7 +131,7 @@ class _PadConv(torch.autograd.Function):
         scale: float | None,
     ) -> torch.Tensor:
         kept = x.to(dtype)
-        padded = _pad_input(kept, padding, scale)
+        padded = F.pad(_upsampled(kept, scale), padding, mode="reflect")
         ctx.winograd = conv.winograd(padded)
         ctx.stride, ctx.padding, ctx.scale, ctx.input_dtype = conv.stride, padding, scale, x.dtype
         ctx.save_for_backward(kept, weight)
@@ -142,7 +142,8 @@ class _PadConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
         kept, weight = ctx.saved_tensors
-        padded = _pad_input(kept, ctx.padding, ctx.scale)
+        unpadded = _upsampled(kept, ctx.scale)
+        padded = F.pad(unpadded, ctx.padding, mode="reflect")
         need_x, need_weight = ctx.needs_input_grad[:2]
         if ctx.winograd:
             grad_padded, grad_weight = winograd.backward(grad, padded, weight, need_x, need_weight)
@@ -152,18 +153,15 @@ class _PadConv(torch.autograd.Function):
             )
         grad_x = None
         if need_x:
-            pad_h, pad_w = ctx.padding[2] + ctx.padding[3], ctx.padding[0] + ctx.padding[1]
-            shape = (*padded.shape[:2], padded.shape[2] - pad_h, padded.shape[3] - pad_w)
-            grad_x = _unpad_grad(grad_padded.to(ctx.input_dtype), shape, _memory_format(kept), ctx.padding)
+            shape = unpadded.shape
+            grad_x = _unpad_grad(grad_padded.to(ctx.input_dtype), shape, _memory_format(unpadded), ctx.padding)
             if ctx.scale:
                 grad_x = torch.ops.aten.upsample_nearest2d_backward(grad_x, shape[2:], kept.shape, ctx.scale, ctx.scale)
         return grad_x, grad_weight, None, None, None, None
 
 
-def _pad_input(x: torch.Tensor, padding: tuple[int, ...], scale: float | None) -> torch.Tensor:
-    if scale:
-        x = F.interpolate(x, scale_factor=scale, mode="nearest")
-    return F.pad(x, padding, mode="reflect")
+def _upsampled(x: torch.Tensor, scale: float | None) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=scale, mode="nearest") if scale else x
 
 
 def pad_conv(
