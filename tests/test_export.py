@@ -160,7 +160,7 @@ def test_pil_interface_matches_translator(model):
     with pytest.raises(ValueError, match="no heatmap output"):
         model["uint8"].translate_with_heatmap(images[0])
     assert onnx_translator.config == model["config"] and onnx_translator.direction == "A2B"
-    assert onnx_translator.device == torch.device("cpu") and onnx_translator.batch_size == 8
+    assert onnx_translator.device == torch.device("cpu") and onnx_translator.batch_size == 1  # the CPU default
 
 
 def test_translate_files_same_as_torch(model, tmp_path):

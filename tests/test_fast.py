@@ -98,6 +98,22 @@ def test_fast_translator_matches_the_exact_one(tmp_path):
     for ref, out in zip(reference, fast(images), strict=True):
         diff = np.abs(np.asarray(ref, dtype=np.int16) - np.asarray(out, dtype=np.int16))
         assert diff.mean() <= 3.0, diff.mean()
+    fp32 = Translator.from_checkpoint(tmp_path / "g.safetensors", fast=True, dtype=torch.float32)
+    for ref, out in zip(reference, fp32(images), strict=True):  # fp32 kernels: rounding only
+        assert np.abs(np.asarray(ref, dtype=np.int16) - np.asarray(out, dtype=np.int16)).max() <= 1
+
+
+def test_fast_rgb_output_layer_matches_the_library_convolution():
+    from ugatit.models import Conv2d
+
+    torch.manual_seed(0)
+    fast, exact = Conv2d(16, 3, 7, fast=True), nn.Conv2d(16, 3, 7, bias=False)
+    exact.weight.data.copy_(fast.weight.data)
+    x = torch.randn(2, 16, 30, 30)
+    with torch.no_grad():
+        out = fast(x)
+        torch.testing.assert_close(out, exact(x), rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous()  # back in the NCHW layout that fp32 on a CPU keeps
 
 
 def test_cli_translate_fast(tmp_path):

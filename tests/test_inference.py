@@ -10,7 +10,7 @@ from PIL import Image
 from ugatit.checkpoint import CheckpointError, load_model, save_model
 from ugatit.config import Config
 from ugatit.data import BadImageError, eval_transform, load_rgb, to_image
-from ugatit.inference import Translator, plan_outputs, translate_files
+from ugatit.inference import Translator, default_batch_size, plan_outputs, translate_files
 from ugatit.models import build_generator, build_networks
 
 TINY = {"img_size": 32, "ch": 4, "n_res": 1, "light": True, "global_layers": 4, "local_layers": 3}
@@ -136,6 +136,15 @@ def test_batch_size_does_not_change_results(checkpoint):
     for (out1, map1), (out3, map3) in zip(one, three, strict=True):
         assert_same_up_to_rounding(out1, out3)
         assert_same_up_to_rounding(map1, map3)
+
+
+def test_default_batch_is_one_image_on_a_cpu_and_eight_on_a_gpu(checkpoint):
+    assert default_batch_size(torch.device("cpu")) == 1
+    assert default_batch_size(torch.device("cuda", 0)) == 8
+    assert Translator.from_checkpoint(checkpoint).batch_size == 1
+    assert Translator.from_checkpoint(checkpoint, batch_size=4).batch_size == 4
+    with pytest.raises(ValueError, match="batch_size=0"):
+        Translator.from_checkpoint(checkpoint, batch_size=0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -195,3 +195,23 @@ def test_fast_training_says_what_it_computes_in(dataset, tmp_path, fast_dtype):
     train(config, dataset, tmp_path, progress=False, echo=messages.append)
     assert f"fast path on cpu: computing in {fast_dtype}" in messages
     assert list_checkpoints(tmp_path)
+
+
+def test_log_separates_waiting_for_data_from_the_step(dataset, tmp_path, monkeypatch):
+    """A loader that is slow shows up as data_s, not as step_s: the log says whether data is on the critical path."""
+    import ugatit.train
+
+    def slow_batches(*args, **kwargs):
+        for batch in real_batches(*args, **kwargs):
+            time.sleep(0.5)
+            yield batch
+
+    real_batches = ugatit.train._domain_batches
+    monkeypatch.setattr(ugatit.train, "_domain_batches", slow_batches)
+    config = Config(**{**TINY, "log_every": 2}, iterations=4, save_every=100, sample_every=100)
+    train(config, dataset, tmp_path, progress=False)
+    entries = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in entries] == [2, 4]
+    for entry in entries:  # two domains, 0.5 s each, per step; means over the two steps since the last line
+        assert 1.0 <= entry["data_s"] < 1.5
+        assert 0 < entry["step_s"] < 1.0

@@ -256,7 +256,8 @@ def evaluate_checkpoint(
     """Translate DATA/testA (A2B; DATA/testB for B2A) with the checkpoint and score the translations against the
     target domain's real images (DATA/testB, or DATA/trainB with real_split="train"); mean KID uses the
     translated source images. Translations go to `out_dir`/A2B (and /B2A), which must be new or empty, or to a
-    temporary folder that is removed afterwards."""
+    temporary folder that is removed afterwards. `batch_size` is the Inception network's; the generators translate
+    at `inference.default_batch_size`."""
     directions = tuple(DIRECTIONS) if direction == "both" else (direction,)
     for name in directions:
         generator_name(name)
@@ -276,9 +277,9 @@ def evaluate_checkpoint(
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ugatit-eval-") as tmp:
         for name, (source_dir, sources, real_dir, reals, fake_dir) in plan.items():
-            translator = Translator.from_checkpoint(checkpoint, name, device=device, batch_size=batch_size)
+            translator = Translator.from_checkpoint(checkpoint, name, device=device)
             folder = fake_dir or Path(tmp) / name
-            fakes = translate_files(translator, sources, folder, batch_size=batch_size, progress=progress)
+            fakes = translate_files(translator, sources, folder, progress=progress)
             del translator  # a full generator is 1 GiB; the next direction builds its own
             results[name] = {
                 "fake_dir": None if fake_dir is None else str(fake_dir),

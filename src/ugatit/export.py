@@ -46,7 +46,7 @@ from . import __version__
 from .checkpoint import atomic_write, model_file
 from .config import Config
 from .data import to_image
-from .inference import ImageTranslator, Translator
+from .inference import ImageTranslator, Translator, default_batch_size
 
 INPUT, IMAGE, HEATMAP = "input", "image", "heatmap"
 FORMAT = "ugatit-onnx"
@@ -223,8 +223,8 @@ class OnnxTranslator(ImageTranslator):
     same pixels up to float rounding. `run` is the array-level entry point for callers with their own pre-processing.
     """
 
-    def __init__(self, session: Any, batch_size: int = 8, source: str = "ONNX model") -> None:
-        if batch_size < 1:
+    def __init__(self, session: Any, batch_size: int | None = None, source: str = "ONNX model") -> None:
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be a positive integer")
         self.session = session
         self.source = source
@@ -233,13 +233,13 @@ class OnnxTranslator(ImageTranslator):
             raise ExportError(f"{source}: not a ugatit ONNX export (no ugatit metadata); export it with export_onnx")
         self.config = Config.from_dict(json.loads(self.metadata["config"]))
         self.direction = self.metadata["direction"]
-        self.batch_size = batch_size
+        self.batch_size = batch_size or default_batch_size(self.device)
         self.uint8 = session.get_inputs()[0].type == "tensor(uint8)"
         self.has_heatmap = HEATMAP in {output.name for output in session.get_outputs()}
 
     @classmethod
     def from_file(
-        cls, path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 8
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int | None = None
     ) -> OnnxTranslator:
         """Open a file written by `export_onnx`; `device` 'cpu', 'cuda' (needs onnxruntime-gpu) or 'auto'."""
         ort = _require("onnxruntime")
@@ -316,7 +316,7 @@ def load_translator(
     direction: str | None = None,
     backend: str = "torch",
     device: str | torch.device = "cpu",
-    batch_size: int = 8,
+    batch_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     fast: bool = False,
 ) -> Translator | OnnxTranslator:

@@ -281,6 +281,30 @@ def _kid_tracker(data_root: Path, weights: str | Path | None) -> Any:
     return KIDTracker(data_root, weights)
 
 
+class _StepTiming:
+    """Seconds spent waiting for the next batches and in the training step, averaged over the steps since the last
+    log line: a data wait that is not close to zero means the loader is on the critical path (more workers, or
+    `cache_images`, fix it). Per process; on CUDA the step's time includes its synchronisation (the loss values)."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.data_s = self.step_s = 0.0
+        self.steps = 0
+
+    def add(self, data_s: float, step_s: float) -> None:
+        self.data_s += data_s
+        self.step_s += step_s
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        """The means since the last call, which starts a new interval."""
+        means = {"data_s": round(self.data_s / self.steps, 4), "step_s": round(self.step_s / self.steps, 4)}
+        self._reset()
+        return means
+
+
 def _tensorboard(run_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -469,28 +493,37 @@ def _train(
     bar = tqdm(total=last, initial=trainer.step, disable=not (progress and main), unit="step", dynamic_ncols=True)
     started = time.time()
     log_path = run_dir / "log.jsonl"
+    timing = _StepTiming()
     with open(log_path, "a") if main else open(os.devnull, "w") as log, _StopRequest() as stop:
         while trainer.step < last and not distributed.any_rank(info, stop.requested, dev):
+            waiting = time.perf_counter()
             try:
                 real_A, real_B = next(batches["A"]), next(batches["B"])
             except RuntimeError:
                 if stop.requested:  # data workers interrupted by the same signal
                     break
                 raise
+            loaded = time.perf_counter()
             terms = trainer.train_step(real_A, real_B)
+            timing.add(loaded - waiting, time.perf_counter() - loaded)
             bar.update(1)
             step = trainer.step
             if step % config.log_every == 0 or step == last:
                 terms = distributed.mean_over_ranks(info, terms, dev)
-                log.write(json.dumps({"step": step, "time": round(time.time() - started, 3), **terms}) + "\n")
+                times = timing.means()
+                entry = {"step": step, "time": round(time.time() - started, 3), **times, **terms}
+                log.write(json.dumps(entry) + "\n")
                 log.flush()
                 postfix = {"d_loss": f"{terms['d_loss']:.3f}", "g_loss": f"{terms['g_loss']:.1f}"}
+                postfix["data"] = f"{times['data_s'] / (times['data_s'] + times['step_s']):.0%}"
                 if any(trainer.skipped.values()):
                     postfix["skipped"] = "D{D} G{G}".format(**trainer.skipped)
                 bar.set_postfix(postfix, refresh=False)
                 if writer:
                     for key, value in terms.items():
                         writer.add_scalar(f"loss/{key}" if key != "lr" else "lr", value, step)
+                    for key, value in times.items():
+                        writer.add_scalar(f"time/{key}", value, step)
             if step % config.sample_every == 0:
                 write_samples()
             if config.eval_every and step % config.eval_every == 0:
