@@ -208,6 +208,17 @@ def test_load_translator(tmp_path):
     assert on_auto.device.type == ("cuda" if gpu["onnxruntime"] else "cpu")
 
 
+def test_fast_translator_exports_its_weights_through_the_exact_layers(tmp_path):
+    """The fused kernels have no ONNX form: a fast translator exports the same function with the exact layers."""
+    checkpoint = write_checkpoint(tmp_path / "light.safetensors", LIGHT)
+    fast = Translator.from_checkpoint(checkpoint, fast=True, dtype=torch.float32)
+    exported = OnnxTranslator.from_file(export_onnx(fast, tmp_path / "fast.onnx"))
+    assert fast.generator.UpBlock1_1.norm1.norm.__name__ == "instance_layer_norm_fused"  # left as it was
+    images = [random_image(32, 32, seed) for seed in range(2)]
+    for ours, theirs in zip(exported(images), Translator.from_checkpoint(checkpoint)(images), strict=True):
+        assert np.abs(np.asarray(ours, np.int16) - np.asarray(theirs, np.int16)).max() <= 1
+
+
 def test_export_refusals(model, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="translator translates A2B"):
         export_onnx(model["torch"], tmp_path / "x.onnx", direction="B2A")

@@ -47,6 +47,7 @@ from .checkpoint import atomic_write, model_file
 from .config import Config
 from .data import to_image
 from .inference import ImageTranslator, Translator, default_batch_size
+from .models import build_generator
 
 INPUT, IMAGE, HEATMAP = "input", "image", "heatmap"
 FORMAT = "ugatit-onnx"
@@ -174,6 +175,11 @@ def export_onnx(
     if dynamo and opset < DYNAMO_OPSET:
         raise ExportError(f"opset={opset}: the dynamo exporter writes opset {DYNAMO_OPSET} or later")
     config, generator = translator.config, translator.generator
+    if translator.fast:
+        # The fast kernels are eager autograd Functions with no ONNX form; the exact layers compute the same
+        # function from the same weights, and ONNX Runtime brings its own kernels.
+        generator = build_generator(config.replace(precision="exact")).to(translator.device).eval()
+        generator.load_state_dict(translator.generator.state_dict())
     weight_bytes = sum(p.numel() * p.element_size() for p in generator.parameters())
     if weight_bytes > MAX_ONNX_BYTES:
         raise ExportError(
