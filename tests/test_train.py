@@ -215,3 +215,15 @@ def test_log_separates_waiting_for_data_from_the_step(dataset, tmp_path, monkeyp
     for entry in entries:  # two domains, 0.5 s each, per step; means over the two steps since the last line
         assert 1.0 <= entry["data_s"] < 1.5
         assert 0 < entry["step_s"] < 1.0
+
+
+def test_compile_without_a_cpu_compiler_is_refused_before_training(dataset, tmp_path, monkeypatch, capsys):
+    import torch._inductor.config  # where torch.compile reads $CXX (or g++) when first imported
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    run = tmp_path / "run"
+    args = ["train", str(dataset), "--run-dir", str(run), *TINY_ARGS, "--iterations", "1", "--compile"]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "needs a C++ compiler" in err and "no-such-g++" in err and "Traceback" not in err
+    assert not list_checkpoints(run)

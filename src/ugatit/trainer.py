@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import Config
+from .config import Config, ConfigError
 from .losses import discriminator_losses, generator_losses
 from .models import DISCRIMINATORS, GENERATORS, build_networks
 from .norms import clip_rho
@@ -47,6 +47,24 @@ def _adam(params: Iterator[nn.Parameter], config: Config) -> torch.optim.Adam:
     # the fast path uses the fused kernel (one pass over all parameters, same update up to the last bits).
     fused = {"fused": True} if config.fast else {}
     return torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, **fused)
+
+
+def _check_compiler(device: torch.device) -> None:
+    """torch.compile's CPU code needs a C++ compiler, which it would only ask for at the first step, in a long
+    traceback; this says so before anything runs."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a private helper: without it, the first step tells
+        return
+    try:
+        get_cpp_compiler()
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"compile=True (--compile) on a CPU needs a C++ compiler: {exc}; install g++ or set CXX, or train without "
+            "--compile"
+        ) from None
 
 
 class Trainer:
@@ -80,6 +98,7 @@ class Trainer:
         self.step = 0
         self.skipped = {"D": 0, "G": 0}
         if config.compile:
+            _check_compiler(self.device)
             for net in self.nets.values():
                 net.compile()
         # Under torchrun each network gets its own DDP wrapper. Buffers (the spectral-norm u, v) are synced once at
