@@ -49,8 +49,8 @@ def loader_alone(paths: list[Path], args: argparse.Namespace, workers: int, cach
 def training_loop(data: Path, args: argparse.Namespace, workers: int) -> tuple[float, float]:
     """Mean data_s and step_s of a short real run, its first step left out."""
     config = Config(
-        img_size=args.img_size, batch_size=args.batch_size, precision="fast", iterations=args.steps, log_every=1,
-        save_every=10**9, sample_every=10**9, num_workers=workers,
+        img_size=args.img_size, light=args.light, batch_size=args.batch_size, precision="fast", iterations=args.steps,
+        log_every=1, save_every=10**9, sample_every=10**9, num_workers=workers,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as run:
         train(config, data, run, progress=False, echo=lambda message: None)
@@ -62,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help=f"a folder with trainA/trainB (default: {SHARED_DATA} if present)")
     parser.add_argument("--img-size", type=int, default=128)
+    parser.add_argument("--light", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--workers", default="0,2", help="comma-separated num_workers settings to compare")
     parser.add_argument("--batches", type=int, default=50, help="batches timed per loader setting (part 1)")
@@ -83,7 +84,8 @@ def main() -> None:
             for cache in (True, False):
                 startup, per_batch = loader_alone(paths, args, count, cache)
                 print(f"{count:>8}{'yes' if cache else 'no':>7}{startup:>12.2f}{per_batch:>10.2f}")
-        print(f"\ntraining loop, fast path, steps 2-{args.steps} (cache_images auto)")
+        mode = "light" if args.light else "full"
+        print(f"\ntraining loop, {mode}, fast path, steps 2-{args.steps} (cache_images auto)")
         print(f"{'workers':>8}{'data_s':>10}{'step_s':>10}{'waiting':>9}")
         for count in workers:
             data_s, step_s = training_loop(data, args, count)

@@ -101,8 +101,7 @@ class ImageTranslator:
 
 def default_batch_size(device: torch.device) -> int:
     """Images per generator call when none is asked for: 8 on a GPU, 1 on a CPU, where a 256 px light generator took
-    15-25 % longer per image at batch 8 than at batch 1 (2-core machines, fp32 and bf16: the batch's activations
-    outgrow the caches)."""
+    10-55 % longer per image at batch 8 than at batch 1 (2-core machines: fp32 on AVX2, bf16 on AMX)."""
     return 8 if device.type == "cuda" else 1
 
 
