@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="training steps per workers setting (part 2)")
     args = parser.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the first step is left out of the means")
 
     with tempfile.TemporaryDirectory() as scratch:
         data = args.data or (SHARED_DATA if SHARED_DATA.is_dir() else None)

@@ -217,6 +217,10 @@ def test_fast_translator_exports_its_weights_through_the_exact_layers(tmp_path):
     images = [random_image(32, 32, seed) for seed in range(2)]
     for ours, theirs in zip(exported(images), Translator.from_checkpoint(checkpoint)(images), strict=True):
         assert np.abs(np.asarray(ours, np.int16) - np.asarray(theirs, np.int16)).max() <= 1
+    # A generator built fast and handed to a translator that runs it as is: the same rule.
+    as_is = Translator(fast.generator, LIGHT)
+    assert not as_is.fast
+    export_onnx(as_is, tmp_path / "as_is.onnx")
 
 
 def test_export_refusals(model, tmp_path, monkeypatch):

@@ -103,17 +103,30 @@ def test_fast_translator_matches_the_exact_one(tmp_path):
         assert np.abs(np.asarray(ref, dtype=np.int16) - np.asarray(out, dtype=np.int16)).max() <= 1
 
 
-def test_fast_rgb_output_layer_matches_the_library_convolution():
+def test_fast_rgb_output_layer_runs_nhwc_in_inference_and_matches_the_library_convolution(monkeypatch):
+    import torch.nn.functional as F
+
     from ugatit.models import Conv2d
+
+    layouts = []
+    conv2d = F.conv2d
+
+    def spy(x, *args, **kwargs):
+        layouts.append("nhwc" if x.is_contiguous(memory_format=torch.channels_last) else "nchw")
+        return conv2d(x, *args, **kwargs)
 
     torch.manual_seed(0)
     fast, exact = Conv2d(16, 3, 7, fast=True), nn.Conv2d(16, 3, 7, bias=False)
     exact.weight.data.copy_(fast.weight.data)
     x = torch.randn(2, 16, 30, 30)
+    monkeypatch.setattr(F, "conv2d", spy)
     with torch.no_grad():
         out = fast(x)
         torch.testing.assert_close(out, exact(x), rtol=1e-5, atol=1e-5)
     assert out.is_contiguous()  # back in the NCHW layout that fp32 on a CPU keeps
+    assert layouts == ["nhwc", "nchw"]
+    fast(x.requires_grad_())  # with gradients (training under torch.compile), the library's layout
+    assert layouts[-1] == "nchw"
 
 
 def test_cli_translate_fast(tmp_path):

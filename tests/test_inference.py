@@ -145,6 +145,8 @@ def test_default_batch_is_one_image_on_a_cpu_and_eight_on_a_gpu(checkpoint):
     assert Translator.from_checkpoint(checkpoint, batch_size=4).batch_size == 4
     with pytest.raises(ValueError, match="batch_size=0"):
         Translator.from_checkpoint(checkpoint, batch_size=0)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        Translator.from_checkpoint(checkpoint)(random_image(32, 32, seed=0), batch_size=0)
 
 
 # ----------------------------------------------------------------------------------------------

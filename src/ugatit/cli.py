@@ -28,6 +28,13 @@ USER_ERRORS = (
 )  # fmt: skip
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
@@ -270,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder; one PNG per input, named after it")
     p.add_argument("--direction", choices=["A2B", "B2A"], help="default: A2B, or the direction of an .onnx file")
     p.add_argument(
-        "--batch-size", type=int, help="images per generator call (default 1 on a CPU, where it is fastest; 8 on a GPU)"
+        "--batch-size", type=_positive_int, help="images per generator call (default: 1 on a CPU, 8 on a GPU)"
     )
     p.add_argument("--heatmap", action="store_true", help="also write the attention heatmap over each input")
     p.add_argument("--original-size", action="store_true", help="return results at each input's own size")
@@ -297,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--kid-subsets", type=int, default=100, help="subsets of the KID estimator (torch-fidelity: 100)")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="rows per subset (clipped to the image count)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per Inception call (default 32)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per Inception call (default 32)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)

@@ -71,11 +71,20 @@ def check_same_config(info: Dist, config: Config) -> None:
 
 def mean_over_ranks(info: Dist, values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average logged numbers over ranks (one small all-reduce, only on logging steps)."""
+    return _reduce(info, values, device, dist.ReduceOp.SUM, info.world_size)
+
+
+def max_over_ranks(info: Dist, values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The largest value of each logged number over ranks: the slowest rank's waits hold up every rank."""
+    return _reduce(info, values, device, dist.ReduceOp.MAX, 1)
+
+
+def _reduce(info: Dist, values: dict[str, float], device: torch.device, op: Any, divisor: int) -> dict[str, float]:
     if not info.enabled:
         return values
     tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return dict(zip(values, (tensor / info.world_size).tolist(), strict=True))
+    dist.all_reduce(tensor, op=op)
+    return dict(zip(values, (tensor / divisor).tolist(), strict=True))
 
 
 def any_rank(info: Dist, flag: bool, device: torch.device) -> bool:

@@ -32,7 +32,7 @@ from . import __version__
 from .checkpoint import atomic_write, load_model
 from .data import DataError, eval_transform, list_images, load_rgb
 from .inception import FEATURE_DIM, WEIGHTS_NAME, InceptionFeatures
-from .inference import DIRECTIONS, Translator, generator_name, translate_files
+from .inference import DIRECTIONS, Translator, default_batch_size, generator_name, translate_files
 from .metrics import fid, kid_blocks, kid_subsets, mean_kid, mmd2_unbiased
 
 REAL_SPLITS = ("test", "train")
@@ -388,9 +388,11 @@ class KIDTracker:
 
     def _fake_features(self, generator: torch.nn.Module, inputs: torch.Tensor, device: torch.device) -> np.ndarray:
         features = []
+        step = default_batch_size(device)  # the generator's own batch; `batch_size` is Inception's
         with torch.inference_mode():
             for start in range(0, len(inputs), self.batch_size):
-                fake = generator(inputs[start : start + self.batch_size].to(device))[0].float()
+                chunk = inputs[start : start + self.batch_size].to(device)
+                fake = torch.cat([generator(chunk[i : i + step])[0].float() for i in range(0, len(chunk), step)])
                 pixels = ((fake.clamp(-1, 1) + 1) * 127.5).round() / 255  # exactly what an 8-bit PNG holds
                 features.append(_features(self.model, pixels))
         return np.concatenate(features)

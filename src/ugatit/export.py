@@ -160,9 +160,10 @@ def export_onnx(
     """Write the `direction` generator as an ONNX file at `out_path` (atomically); returns the path.
 
     `checkpoint_or_translator` is any of our checkpoints (its `direction` generator is loaded, "A2B" by default) or
-    a `Translator` (its own generator; `direction`, if given, must be the translator's). `heatmap` adds the
-    `heatmap` output, `uint8` makes input and output uint8 in [0, 255]. `opset` defaults to 17 with the TorchScript
-    exporter and 18 with `dynamo=True` (see the module docstring for why TorchScript is the default).
+    a `Translator` (its own weights, through the exact fp32 layers if it was built fast; `direction`, if given, must
+    be the translator's). `heatmap` adds the `heatmap` output, `uint8` makes input and output uint8 in [0, 255].
+    `opset` defaults to 17 with the TorchScript exporter and 18 with `dynamo=True` (see the module docstring for
+    why TorchScript is the default).
     """
     onnx = _require("onnx")
     if isinstance(checkpoint_or_translator, Translator):
@@ -175,17 +176,17 @@ def export_onnx(
     if dynamo and opset < DYNAMO_OPSET:
         raise ExportError(f"opset={opset}: the dynamo exporter writes opset {DYNAMO_OPSET} or later")
     config, generator = translator.config, translator.generator
-    if translator.fast:
-        # The fast kernels are eager autograd Functions with no ONNX form; the exact layers compute the same
-        # function from the same weights, and ONNX Runtime brings its own kernels.
-        generator = build_generator(config.replace(precision="exact")).to(translator.device).eval()
-        generator.load_state_dict(translator.generator.state_dict())
     weight_bytes = sum(p.numel() * p.element_size() for p in generator.parameters())
     if weight_bytes > MAX_ONNX_BYTES:
         raise ExportError(
             f"the generator holds {weight_bytes / 2**30:.1f} GiB of weights, more than one ONNX file can hold (2 GiB); "
             "full-mode generators grow with img_size squared: export a light model, or a smaller img_size"
         )
+    if any(getattr(module, "fast", False) for module in generator.modules()):
+        # The fast kernels are eager autograd Functions with no ONNX form; the exact layers compute the same
+        # function from the same weights, and ONNX Runtime brings its own kernels.
+        generator = build_generator(config.replace(precision="exact")).to(translator.device).eval()
+        generator.load_state_dict(translator.generator.state_dict())
     model = _Deployable(generator, heatmap, uint8).eval()
     size = config.img_size
     # A batch of 2 so that no exporter specialises the batch axis to 1.

@@ -176,7 +176,10 @@ def read_config(directory: str | os.PathLike) -> Config:
 
 
 def from_pretrained(
-    directory: str | os.PathLike, direction: str = "A2B", device: str | torch.device = "cpu", batch_size: int = 8
+    directory: str | os.PathLike,
+    direction: str = "A2B",
+    device: str | torch.device = "cpu",
+    batch_size: int | None = None,
 ) -> Translator:
     """A `Translator` for one direction of a model folder (the weights and their embedded config are the truth)."""
     directory = Path(directory)

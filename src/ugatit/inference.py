@@ -80,7 +80,9 @@ class ImageTranslator:
     def _translate(
         self, images: list[Image.Image], original_size: bool, heatmap: bool, batch_size: int | None
     ) -> list[tuple[Image.Image, Image.Image | None]]:
-        size = batch_size or self.batch_size
+        size = self.batch_size if batch_size is None else batch_size
+        if size < 1:
+            raise ValueError(f"batch_size={size} must be a positive integer")
         results = []
         for start in range(0, len(images), size):
             chunk = images[start : start + size]

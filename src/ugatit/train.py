@@ -4,7 +4,8 @@ A run directory holds:
 
     config.json            the resolved Config of the run
     samples.json           the fixed images shown in sample grids (chosen once per run)
-    log.jsonl              every loss term every `log_every` steps
+    log.jsonl              every loss term every `log_every` steps, and the seconds per step waiting for data
+                           (data_s) and in the step (step_s)
     checkpoints/step_NNNNNNN/model.safetensors   the six networks, config embedded
     checkpoints/step_NNNNNNN/state.pt            optimizers, step, data positions, RNG states
     samples/A2B_NNNNNNN.png, samples/B2A_NNNNNNN.png
@@ -284,7 +285,9 @@ def _kid_tracker(data_root: Path, weights: str | Path | None) -> Any:
 class _StepTiming:
     """Seconds spent waiting for the next batches and in the training step, averaged over the steps since the last
     log line: a data wait that is not close to zero means the loader is on the critical path (more workers, or
-    `cache_images`, fix it). Per process; on CUDA the step's time includes its synchronisation (the loss values)."""
+    `cache_images`, fix it). Under torchrun the log has each figure's largest value over ranks, since a rank that
+    waits for data holds up the others in their gradient all-reduce. On CUDA the step's time includes its
+    synchronisation (the loss values)."""
 
     def __init__(self) -> None:
         self._reset()
@@ -510,12 +513,13 @@ def _train(
             step = trainer.step
             if step % config.log_every == 0 or step == last:
                 terms = distributed.mean_over_ranks(info, terms, dev)
-                times = timing.means()
+                times = distributed.max_over_ranks(info, timing.means(), dev)
                 entry = {"step": step, "time": round(time.time() - started, 3), **times, **terms}
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
                 postfix = {"d_loss": f"{terms['d_loss']:.3f}", "g_loss": f"{terms['g_loss']:.1f}"}
-                postfix["data"] = f"{times['data_s'] / (times['data_s'] + times['step_s']):.0%}"
+                if times["data_s"] + times["step_s"] > 0:
+                    postfix["data"] = f"{times['data_s'] / (times['data_s'] + times['step_s']):.0%}"
                 if any(trainer.skipped.values()):
                     postfix["skipped"] = "D{D} G{G}".format(**trainer.skipped)
                 bar.set_postfix(postfix, refresh=False)

@@ -51,7 +51,7 @@ def _adam(params: Iterator[nn.Parameter], config: Config) -> torch.optim.Adam:
 
 def _check_compiler(device: torch.device) -> None:
     """torch.compile's CPU code needs a C++ compiler, which it would only ask for at the first step, in a long
-    traceback; this says so before anything runs."""
+    traceback; this says so when the trainer is built."""
     if device.type != "cpu":
         return
     try:
@@ -60,7 +60,7 @@ def _check_compiler(device: torch.device) -> None:
         return
     try:
         get_cpp_compiler()
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:  # none found, or one that cannot run
         raise ConfigError(
             f"compile=True (--compile) on a CPU needs a C++ compiler: {exc}; install g++ or set CXX, or train without "
             "--compile"
