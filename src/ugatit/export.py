@@ -46,7 +46,7 @@ from . import __version__
 from .checkpoint import atomic_write, model_file
 from .config import Config
 from .data import to_image
-from .inference import ImageTranslator, Translator, default_batch_size
+from .inference import ImageTranslator, Translator, default_batch_size, resolve_batch_size
 from .models import build_generator
 
 INPUT, IMAGE, HEATMAP = "input", "image", "heatmap"
@@ -231,8 +231,6 @@ class OnnxTranslator(ImageTranslator):
     """
 
     def __init__(self, session: Any, batch_size: int | None = None, source: str = "ONNX model") -> None:
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be a positive integer")
         self.session = session
         self.source = source
         self.metadata: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
@@ -240,7 +238,7 @@ class OnnxTranslator(ImageTranslator):
             raise ExportError(f"{source}: not a ugatit ONNX export (no ugatit metadata); export it with export_onnx")
         self.config = Config.from_dict(json.loads(self.metadata["config"]))
         self.direction = self.metadata["direction"]
-        self.batch_size = batch_size or default_batch_size(self.device)
+        self.batch_size = resolve_batch_size(batch_size, default_batch_size(self.device))
         self.uint8 = session.get_inputs()[0].type == "tensor(uint8)"
         self.has_heatmap = HEATMAP in {output.name for output in session.get_outputs()}
 

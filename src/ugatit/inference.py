@@ -80,9 +80,7 @@ class ImageTranslator:
     def _translate(
         self, images: list[Image.Image], original_size: bool, heatmap: bool, batch_size: int | None
     ) -> list[tuple[Image.Image, Image.Image | None]]:
-        size = self.batch_size if batch_size is None else batch_size
-        if size < 1:
-            raise ValueError(f"batch_size={size} must be a positive integer")
+        size = resolve_batch_size(batch_size, self.batch_size)
         results = []
         for start in range(0, len(images), size):
             chunk = images[start : start + size]
@@ -99,6 +97,14 @@ class ImageTranslator:
     def _transform(self, image: Image.Image) -> torch.Tensor:
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         return eval_transform(rgb, self.config.img_size, self.config.keep_aspect)
+
+
+def resolve_batch_size(batch_size: int | None, default: int) -> int:
+    """`batch_size`, or `default` where it is None; anything under 1 is refused."""
+    size = default if batch_size is None else batch_size
+    if size < 1:
+        raise ValueError(f"batch_size={size} must be a positive integer")
+    return size
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -128,12 +134,10 @@ class Translator(ImageTranslator):
         dtype: torch.dtype | None = None,
     ) -> None:
         generator_name(direction)  # refuses an unknown direction now rather than at the first call
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be a positive integer")
         self.generator = generator.eval().requires_grad_(False)
         self.config = config
         self.direction = direction
-        self.batch_size = batch_size or default_batch_size(self.device)
+        self.batch_size = resolve_batch_size(batch_size, default_batch_size(self.device))
         self.fast = fast
         # Translation picks its own dtype for the device it runs on, whatever the training run used.
         self.dtype = (dtype or resolve_dtype("auto", self.device)) if fast else torch.float32
@@ -296,9 +300,7 @@ def translate_files(
     atomically; the next batch is decoded while the current one is translated. `batch_size` defaults to the
     translator's own.
     """
-    batch_size = translator.batch_size if batch_size is None else batch_size
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be a positive integer")
+    batch_size = resolve_batch_size(batch_size, translator.batch_size)
     jobs = plan_outputs(inputs, out_dir, heatmap)
     _check_outputs(jobs, overwrite)
     _check_readable(jobs)
