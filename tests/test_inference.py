@@ -1,5 +1,7 @@
 """Inference: the Translator against a direct generator forward, and translate_files' naming and refusals."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +270,19 @@ def test_translate_files_batch_size_does_not_change_outputs(tmp_path, translator
     for name in names:
         with Image.open(tmp_path / "out1" / name) as one, Image.open(tmp_path / "out3" / name) as three:
             assert_same_up_to_rounding(one, three)
+
+
+def test_translating_does_not_load_the_compiler(tmp_path):
+    """Importing dynamo costs a translation 1.2 s of start-up and 70 MB: only the discriminators' functions are
+    marked eager-under-compile, and the mark is made at their first call (`norms.eager`)."""
+    checkpoint = save_checkpoint(tmp_path / "model.safetensors")
+    script = (
+        "import sys\n"
+        "from PIL import Image\n"
+        "from ugatit.inference import Translator\n"
+        "for fast in (False, True):\n"
+        f"    out = Translator.from_checkpoint({str(checkpoint)!r}, 'A2B', fast=fast)(Image.new('RGB', (40, 32)))\n"
+        "print(out.size, 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["(32,", "32)", "False"]

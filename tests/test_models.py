@@ -1,6 +1,7 @@
 """Self-contained checks of the networks, norms, config and training step (no shared fixture needed)."""
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from ugatit.config import Config, ConfigError, min_image_size
 from ugatit.losses import discriminator_losses
 from ugatit.models import GENERATORS, Discriminator, ResnetGenerator, build_networks
 from ugatit.norms import ILN, AdaILN
-from ugatit.trainer import Trainer, learning_rate
+from ugatit.trainer import Trainer, learning_rate, release_free_heap
 
 
 def _count(module):
@@ -92,6 +93,25 @@ def test_rho_is_clipped_after_every_generator_update():
     trainer.train_step(torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1)
     for i, norm in enumerate(norms):
         assert torch.all(norm.rho == (1.0 if i % 2 else 0.0))
+
+
+@pytest.mark.skipif(not release_free_heap(), reason="the C library has no malloc_trim")
+def test_cpu_step_hands_freed_heap_pages_back():
+    """After a CPU step, the heap holds no large free blocks that a trim could still return: without the trainer's
+    own release, an extra trim here gave back 26 MiB of this small model's activations (0.7 MiB with it)."""
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    torch.manual_seed(0)
+    trainer = Trainer(_tiny_config(img_size=64, ch=8))
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    for _ in range(2):
+        trainer.train_step(x, x)
+    before = rss()
+    assert release_free_heap()
+    assert before - rss() < 8 * 2**20
 
 
 def test_learning_rate_schedule():

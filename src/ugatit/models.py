@@ -18,7 +18,17 @@ from torch.utils.checkpoint import checkpoint
 
 from . import winograd
 from .config import Config
-from .norms import ILN, AdaILN, InstanceNorm, autocast_off, raw_weight, spectral_norm, spectral_parts, weight_matrix
+from .norms import (
+    ILN,
+    AdaILN,
+    InstanceNorm,
+    autocast_off,
+    eager,
+    raw_weight,
+    spectral_norm,
+    spectral_parts,
+    weight_matrix,
+)
 
 
 def class_activation(
@@ -364,7 +374,7 @@ def _per_call(sigmas: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return divisor.view(-1, *([1] * (y.dim() - 1)))
 
 
-@torch.compiler.disable  # memory-bound: nothing for a compiler to fuse, and per-layer shapes would recompile it
+@eager  # memory-bound: nothing for a compiler to fuse, and per-layer shapes would recompile it
 def _fast_conv(conv: nn.Conv2d, x: torch.Tensor, calls: int = 1) -> torch.Tensor:
     """conv(x, W / sigma) + b computed as conv(x, W) / sigma + b, as a matrix product when the output is small.
 

@@ -11,8 +11,10 @@ gradient in one domain skips only that domain's update.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -47,6 +49,31 @@ def _adam(params: Iterator[nn.Parameter], config: Config) -> torch.optim.Adam:
     # the fast path uses the fused kernel (one pass over all parameters, same update up to the last bits).
     fused = {"fused": True} if config.fast else {}
     return torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, **fused)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, where the C library has one (not musl, macOS or Windows)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def release_free_heap() -> bool:
+    """Hand the pages of the C heap's free blocks back to the OS; False where the C library cannot.
+
+    CPU activations under 32 MiB come from glibc's heap, which keeps freed blocks resident for reuse, and the
+    blocks free between two phases are scattered, so the heap never shrinks on its own: the generator update's
+    activations stayed resident through the next discriminator update. Releasing them between phases lowered the
+    peak RSS of a 128 px light fast step from 2.66 to 2.45-2.53 GiB on a 2-core AVX2 EPYC (2.24-2.26 GiB with
+    `grad_checkpoint`), at about 25 ms a call.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def _check_compiler(device: torch.device) -> None:
@@ -136,6 +163,8 @@ class Trainer:
         with self.autocast():
             fake_A2B, cam_A2B, _ = nets["genA2B"](real_A)
             fake_B2A, cam_B2A, _ = nets["genB2A"](real_B)
+        self._release_heap()
+        with self.autocast():
             d_terms = discriminator_losses(
                 d_nets, real_A, real_B, fake_A2B.detach(), fake_B2A.detach(), config, batched=config.fast
             )
@@ -184,4 +213,11 @@ class Trainer:
             self.skipped[name] += 1
         # Freed now rather than at the next update: the discriminators' gradients alone are 0.45 GB at ch 64.
         optimizer.zero_grad(set_to_none=True)
+        self._release_heap()
         return applied
+
+    def _release_heap(self) -> None:
+        """Between phases (after the shared translations and after each update), so that a phase's freed
+        activations do not stay resident through the next one (`release_free_heap`)."""
+        if self.device.type == "cpu":
+            release_free_heap()
