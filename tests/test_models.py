@@ -98,7 +98,7 @@ def test_rho_is_clipped_after_every_generator_update():
 @pytest.mark.skipif(not release_free_heap(), reason="the C library has no malloc_trim")
 def test_cpu_step_hands_freed_heap_pages_back():
     """After a CPU step, the heap holds no large free blocks that a trim could still return: without the trainer's
-    own release, an extra trim here gave back 26 MiB of this small model's activations (0.7 MiB with it)."""
+    own release, an extra trim here gave back 24 MiB of this small model's activations (0.8 MiB with it)."""
 
     def rss() -> int:
         with open("/proc/self/statm") as f:

@@ -65,9 +65,9 @@ def release_free_heap() -> bool:
 
     CPU activations under 32 MiB come from glibc's heap, which keeps freed blocks resident for reuse, and the
     blocks free between two phases are scattered, so the heap never shrinks on its own: the generator update's
-    activations stayed resident through the next discriminator update. Releasing them between phases lowered the
-    peak RSS of a 128 px light fast step from 2.66 to 2.45-2.53 GiB on a 2-core AVX2 EPYC (2.24-2.26 GiB with
-    `grad_checkpoint`), at about 25 ms a call, three a step.
+    activations stayed resident through the next discriminator update. Releasing them at the end of each phase
+    lowered the peak RSS of a 128 px light fast step from 2.60 to 2.47-2.48 GiB on a 2-core AVX2 EPYC (2.26-2.29
+    GiB with `grad_checkpoint`; `benchmarks/train_step.py`), at about 25 ms a call, three a step.
     """
     trim = _malloc_trim()
     if trim is None:
