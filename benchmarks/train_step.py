@@ -5,9 +5,10 @@
     python benchmarks/train_step.py --img-size 256 --device cuda      # full mode on a GPU
 
 Timings alternate between the paths inside one process (so machine noise hits them alike) and report the median
-seconds per step. Peak memory is measured per path in a fresh child process (peak RSS on CPU, peak allocated on
-CUDA), so that each figure belongs to one path alone. "official" restates the official loop on the same networks:
-8 generator passes per step, fakes not detached in the D update, discriminator weight gradients in the G update.
+seconds per step. Peak memory is measured per path in a fresh child process over --memory-steps steps (peak RSS on
+CPU, peak allocated on CUDA), so that each figure belongs to one path alone. "official" restates the official loop
+on the same networks: 8 generator passes per step, fakes not detached in the D update, discriminator weight
+gradients in the G update.
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ def run_step(path: str, trainer: Trainer, real_A: torch.Tensor, real_B: torch.Te
 
 
 def peak_memory_child(path: str, args: argparse.Namespace) -> None:
-    """Runs in a fresh process: two steps of one path, then prints its peak memory in bytes."""
+    """Runs in a fresh process: --memory-steps steps of one path, then prints its peak memory in bytes."""
     trainer, real_A, real_B = make(path, args)
-    for _ in range(2):
+    for _ in range(args.memory_steps):
         run_step(path, trainer, real_A, real_B)
     if trainer.device.type == "cuda":
         print(torch.cuda.max_memory_allocated())
@@ -122,6 +123,12 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the fast path")
     parser.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing on the fast path")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-path peak-memory runs")
+    parser.add_argument(
+        "--memory-steps",
+        type=int,
+        default=6,
+        help="steps in each peak-memory run: on CPU the C heap's peak keeps rising over the first steps",
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -147,6 +154,8 @@ def main() -> None:
 
     mode = "light" if args.light else "full"
     print(f"train step, {args.img_size} px, ch {args.ch}, n_res {args.n_res}, {mode}, batch {args.batch_size}")
+    if not args.no_memory:
+        print(f"peak memory over {args.memory_steps} steps, each path in a fresh process")
     cpu = platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, {cpu}")
     if args.device == "cuda":
