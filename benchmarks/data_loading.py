@@ -12,8 +12,6 @@ The first step is left out of the means: it includes the workers' start-up.
 
 from __future__ import annotations
 
-import ugatit  # noqa: F401  # isort: skip  (first: it turns on huge pages before torch allocates anything)
-
 import argparse
 import json
 import platform
@@ -24,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from ugatit.config import Config
+from ugatit.config import configs
 from ugatit.data import infinite_batches, list_images
 from ugatit.synthetic import write_dataset
 from ugatit.train import train
+from ugatit.tuning import enable_huge_pages
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "horse2zebra"
 
@@ -48,17 +47,18 @@ def loader_alone(paths: list[Path], args: argparse.Namespace, workers: int, cach
 
 def training_loop(data: Path, args: argparse.Namespace, workers: int) -> tuple[float, float]:
     """Mean data_s and step_s of a short real run, its first step left out."""
-    config = Config(
+    model, run_config = configs(
         img_size=args.img_size, light=args.light, batch_size=args.batch_size, precision="fast", iterations=args.steps,
         log_every=1, save_every=10**9, sample_every=10**9, num_workers=workers,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as run:
-        train(config, data, run, progress=False, echo=lambda message: None)
+        train(model, run_config, data, run, progress=False, echo=lambda message: None)
         entries = [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()][1:]
     return statistics.mean(e["data_s"] for e in entries), statistics.mean(e["step_s"] for e in entries)
 
 
 def main() -> None:
+    enable_huge_pages()  # before torch allocates anything, as `ugatit train` does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help=f"a folder with trainA/trainB (default: {SHARED_DATA} if present)")
     parser.add_argument("--img-size", type=int, default=128)

@@ -10,9 +10,8 @@ and writes every step's terms to --out (JSON lines) for plotting.
 
 from __future__ import annotations
 
-import ugatit  # noqa: F401  # isort: skip  (first: it turns on huge pages before torch allocates anything)
-
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -20,9 +19,10 @@ import time
 
 import torch
 
-from ugatit.config import FAST_DTYPES, Config
+from ugatit.config import FAST_DTYPES, configs
 from ugatit.data import infinite_batches, list_images
 from ugatit.trainer import Trainer
+from ugatit.tuning import enable_huge_pages
 
 TERMS = (
     "d_loss", "g_loss", "D_ad_loss_GA", "D_ad_loss_LB", "G_ad_loss_GA", "G_ad_loss_LB",
@@ -31,6 +31,7 @@ TERMS = (
 
 
 def main() -> None:
+    enable_huge_pages()  # before torch allocates anything, as `ugatit train` does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/datasets/horse2zebra")
     parser.add_argument("--img-size", type=int, default=128)
@@ -43,10 +44,10 @@ def main() -> None:
     parser.add_argument("--fast-dtype", default="auto", choices=FAST_DTYPES)
     args = parser.parse_args()
 
-    config = Config(img_size=args.img_size, ch=args.ch, n_res=args.n_res, light=True, seed=args.seed)
+    model, run = configs(img_size=args.img_size, ch=args.ch, n_res=args.n_res, light=True, seed=args.seed)
     torch.manual_seed(args.seed)
-    exact = Trainer(config)
-    fast = Trainer(config.replace(precision="fast", fast_dtype=args.fast_dtype))
+    exact = Trainer(model, run)
+    fast = Trainer(model, dataclasses.replace(run, precision="fast", fast_dtype=args.fast_dtype))
     for name, net in exact.nets.items():
         fast.nets[name].load_state_dict(net.state_dict())
     batches = {

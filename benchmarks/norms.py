@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ugatit.fused import instance_layer_norm_fused, instance_norm_fused
+from ugatit.fast.norms import instance_layer_norm_fused, instance_norm_fused
 from ugatit.norms import instance_layer_norm
 
 # (name, kind, B, C, H, W): AdaILN of the residual decoder blocks, ILN of the two upsampling blocks, InstanceNorm of

@@ -13,8 +13,6 @@ gradients in the G update.
 
 from __future__ import annotations
 
-import ugatit  # noqa: F401  # isort: skip  (first: it turns on huge pages before torch allocates anything)
-
 import argparse
 import itertools
 import json
@@ -27,41 +25,51 @@ import time
 
 import torch
 
-from ugatit.config import FAST_DTYPES, Config
-from ugatit.losses import discriminator_losses, generator_losses
+from ugatit.config import FAST_DTYPES, configs
+from ugatit.fast import native_bf16, resolve_dtype
+from ugatit.losses import JUDGES, discriminator_losses, generator_losses
 from ugatit.norms import clip_rho
-from ugatit.precision import native_bf16, resolve_dtype
 from ugatit.trainer import Trainer
+from ugatit.tuning import enable_huge_pages
 
 PATHS = ("official", "exact", "fast")
 
 
 def official_step(trainer: Trainer, real_A: torch.Tensor, real_B: torch.Tensor) -> None:
     """The official UGATIT.train() iteration: fakes recomputed in the G update and not detached in the D update."""
-    nets, config = trainer.nets, trainer.config
+    nets, run = trainer.nets, trainer.run
+    real = {"A": real_A, "B": real_B}
     trainer.opt_D.zero_grad()
-    fake_A2B, _, _ = nets["genA2B"](real_A)
-    fake_B2A, _, _ = nets["genB2A"](real_B)
-    discriminator_losses(nets, real_A, real_B, fake_A2B, fake_B2A, config)["d_loss"].backward()
+    fake = {"B": nets["genA2B"](real_A)[0], "A": nets["genB2A"](real_B)[0]}
+    real_scores = {name: nets[f"dis{name}"](real[domain]) for name, domain in JUDGES}
+    fake_scores = {name: nets[f"dis{name}"](fake[domain]) for name, domain in JUDGES}
+    discriminator_losses(real_scores, fake_scores, run)["d_loss"].backward()
     trainer.opt_D.step()
     trainer.opt_G.zero_grad()
-    fake_A2B, cam_A2B, _ = nets["genA2B"](real_A)
-    fake_B2A, cam_B2A, _ = nets["genB2A"](real_B)
-    generator_losses(nets, real_A, real_B, fake_A2B, fake_B2A, cam_A2B, cam_B2A, config)["g_loss"].backward()
+    (fake_A2B, cam_A2B, _), (fake_B2A, cam_B2A, _) = nets["genA2B"](real_A), nets["genB2A"](real_B)
+    fake = {"A": fake_B2A, "B": fake_A2B}
+    cycled = {"A": nets["genB2A"](fake_A2B)[0], "B": nets["genA2B"](fake_B2A)[0]}
+    identity = {"A": nets["genB2A"](real_A), "B": nets["genA2B"](real_B)}
+    fake_scores = {name: nets[f"dis{name}"](fake[domain]) for name, domain in JUDGES}
+    terms = generator_losses(
+        fake_scores, real, cycled, {d: out[0] for d, out in identity.items()}, {"A": cam_B2A, "B": cam_A2B},
+        {d: out[1] for d, out in identity.items()}, run,
+    )  # fmt: skip
+    terms["g_loss"].backward()
     trainer.opt_G.step()
     for name in ("genA2B", "genB2A"):
         clip_rho(nets[name])
 
 
 def make(path: str, args: argparse.Namespace) -> tuple[Trainer, torch.Tensor, torch.Tensor]:
-    config = Config(
+    model, run = configs(
         img_size=args.img_size, ch=args.ch, n_res=args.n_res, light=args.light, batch_size=args.batch_size,
         precision="fast" if path == "fast" else "exact", fast_dtype=args.fast_dtype,
         compile=args.compile and path == "fast",
         grad_checkpoint=args.grad_checkpoint and path == "fast",
     )  # fmt: skip
     torch.manual_seed(0)
-    trainer = Trainer(config, args.device)
+    trainer = Trainer(model, run, args.device)
     shape = (args.batch_size, 3, args.img_size, args.img_size)
     real_A = torch.rand(shape, device=args.device) * 2 - 1
     real_B = torch.rand(shape, device=args.device) * 2 - 1
@@ -105,6 +113,7 @@ def peak_rss() -> int:
 
 
 def main() -> None:
+    enable_huge_pages()  # before torch allocates anything, as `ugatit train` does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--img-size", type=int, default=128)
     parser.add_argument("--ch", type=int, default=64)

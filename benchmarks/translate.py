@@ -1,4 +1,4 @@
-"""Translation speed: PyTorch exact fp32, PyTorch fast path (bf16, fused norms, channels_last), ONNX Runtime.
+"""Translation speed: PyTorch with precision exact and fast, and ONNX Runtime.
 
     python benchmarks/translate.py                          # 256 px, light, ch 64: batch 1 latency and batch 8
     python benchmarks/translate.py --full --batch-size 4
@@ -9,8 +9,6 @@ does not depend on them), alternating the backends in one process. ONNX Runtime 
 """
 
 from __future__ import annotations
-
-import ugatit  # noqa: F401  # isort: skip  (first: it turns on huge pages before torch allocates anything)
 
 import argparse
 import itertools
@@ -24,10 +22,11 @@ import torch
 from PIL import Image
 
 from ugatit.checkpoint import save_model
-from ugatit.config import FAST_DTYPES, Config
+from ugatit.config import FAST_DTYPES, ModelConfig
+from ugatit.fast import resolve_dtype
 from ugatit.inference import Translator
 from ugatit.models import build_generator
-from ugatit.precision import resolve_dtype
+from ugatit.tuning import enable_huge_pages
 
 
 def timed(translate, images, reps: int) -> list[float]:
@@ -41,6 +40,7 @@ def timed(translate, images, reps: int) -> list[float]:
 
 
 def main() -> None:
+    enable_huge_pages()  # before torch allocates anything, as `ugatit train` does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--img-size", type=int, default=256)
     parser.add_argument("--ch", type=int, default=64)
@@ -56,7 +56,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    config = Config(img_size=args.img_size, ch=args.ch, light=not args.full)
+    config = ModelConfig(img_size=args.img_size, ch=args.ch, light=not args.full)
     torch.manual_seed(0)
     generator = build_generator(config)
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,11 +66,12 @@ def main() -> None:
         backends = {
             "torch exact": Translator.from_checkpoint(checkpoint, "A2B", args.device, args.batch_size),
             "torch fast": Translator.from_checkpoint(
-                checkpoint, "A2B", args.device, args.batch_size, fast=True, dtype=fast_dtype
+                checkpoint, "A2B", args.device, args.batch_size, precision="fast", fast_dtype=args.fast_dtype
             ),
         }
         try:
-            from ugatit.export import OnnxTranslator, export_onnx
+            from ugatit.export import export_onnx
+            from ugatit.onnx_runtime import OnnxTranslator
 
             onnx_file = export_onnx(checkpoint, Path(tmp) / "g.onnx", "A2B")
             backends["onnxruntime"] = OnnxTranslator.from_file(onnx_file, args.device, args.batch_size)

@@ -1,34 +1,59 @@
-"""Our checkpoint files: network weights in safetensors with the config embedded, written atomically.
+"""Everything ugatit writes to disk for a model or a run, and reads back: one atomic write for all of it.
 
-A model file holds tensors keyed `<network>.<parameter>` (for example `genA2B.FC.0.weight`) and, in its
-safetensors metadata, the `Config` as JSON: loading needs nothing but the file. A training checkpoint is a folder
-with that file (`model.safetensors`) and the optimizer / data / RNG state beside it (see `train.py`). Every write
-goes to a temporary name, is fsynced, then renamed: a process killed mid-write leaves the previous file intact.
+A model file (`model.safetensors`) holds tensors keyed `<network>.<parameter>` (for example `genA2B.FC.0.weight`)
+and, in its safetensors metadata, the `ModelConfig` as JSON: loading needs nothing but the file. Files written
+before the configuration was split embed every setting of their run under "config"; they load the same.
+
+A run folder:
+
+    config.json            {"model": ModelConfig, "run": RunConfig} of the run
+    checkpoints/step_NNNNNNN/model.safetensors   the six networks
+    checkpoints/step_NNNNNNN/state.pt            optimizers, step, data positions, RNG states (weights_only loadable)
+    checkpoints/best/                            with --eval-every: the checkpoint of the best KID so far
+
+Wherever a model is accepted, a run folder means its latest checkpoint (`resolve_model`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .config import Config, ConfigError
+from .config import ConfigError, ModelConfig, model_config_from_dict, model_config_to_json
 from .models import NETWORKS
 
 MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.json"
+CHECKPOINT_PREFIX = "step_"
 
 
 class CheckpointError(ValueError):
     """A file that is not a usable checkpoint; the message names the file and what is wrong with it."""
 
 
-def fsync_dir(path: Path) -> None:
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder with the files in it, to disk."""
+    if path.is_dir():
+        for child in path.iterdir():
+            if child.is_file():
+                _fsync(child)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -36,19 +61,53 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary path beside `path`, fsync it, and rename it over `path`."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary path beside `path`, flush it, and rename it into place over `path`.
+
+    `write` makes a file, or a folder and its files. A process killed at any moment leaves either the old `path` or
+    the new one, never a half-written one; a folder being replaced is renamed aside until the new one is in place.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    _remove(tmp)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _fsync(tmp)
+        if tmp.is_dir() and path.exists():
+            os.rename(path, old)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+        _remove(tmp)
+        _remove(old)
+    return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's contents, read in chunks: it identifies weights files, which may be large."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model files
 
 
 def flatten(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -67,16 +126,41 @@ def unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
     return states
 
 
-def save_model(path: str | Path, states: dict[str, dict[str, torch.Tensor]], config: Config, **meta: str) -> None:
-    """Write network state_dicts and their config to one safetensors file, atomically."""
+def save_model(
+    path: str | os.PathLike, states: dict[str, dict[str, torch.Tensor]], config: ModelConfig, **meta: str
+) -> None:
+    """Write network state_dicts and their model config to one safetensors file, atomically."""
     tensors = flatten(states)
-    metadata = {"format": "ugatit", "ugatit_version": __version__, "config": config.to_json(), **meta}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    metadata = {"format": "ugatit", "ugatit_version": __version__, "model_config": model_config_to_json(config), **meta}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def model_file(path: str | Path) -> Path:
-    """The weights file of a checkpoint given as the file itself or as a folder holding `model.safetensors`."""
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first (half-written ones keep a temporary name and are ignored)."""
+    folder = Path(run_dir) / "checkpoints"
+    found = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            step = path.name.removeprefix(CHECKPOINT_PREFIX)
+            if path.name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and (path / STATE_FILE).is_file():
+                found.append((int(step), path))
+    return sorted(found)
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
     path = Path(path)
+    return path.is_dir() and not (path / MODEL_FILE).exists() and (path / "checkpoints").is_dir()
+
+
+def resolve_model(path: str | os.PathLike) -> Path:
+    """The model file that `path` stands for: the file itself, a folder holding `model.safetensors` (a checkpoint
+    or a Hub-style folder), or a run folder, which means its latest checkpoint."""
+    path = Path(path)
+    if is_run_folder(path):
+        found = list_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"{path}: a run folder with no checkpoint yet; train it first or name a checkpoint")
+        path = found[-1][1]
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
@@ -84,8 +168,15 @@ def model_file(path: str | Path) -> Path:
     return path
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    file = model_file(path)
+def describe_source(given: str | os.PathLike, file: Path) -> str:
+    """ "RUN: latest checkpoint step_N" where a run folder was given, else the path itself."""
+    if is_run_folder(given):
+        return f"{given}: latest checkpoint {file.parent.name}"
+    return str(given)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    file = resolve_model(path)
     try:
         with safe_open(file, framework="pt") as f:
             return f.metadata() or {}
@@ -93,18 +184,24 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"{file}: not a ugatit checkpoint (not a safetensors file: {exc})") from None
 
 
-def load_model(
-    path: str | Path, networks: Iterable[str] | None = None
-) -> tuple[Config, dict[str, dict[str, torch.Tensor]]]:
-    """Read a model file: its config and the state_dicts of `networks` (all stored ones by default)."""
-    file = model_file(path)
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    file = resolve_model(path)
     metadata = read_metadata(file)
-    if metadata.get("format") != "ugatit" or "config" not in metadata:
+    stored = metadata.get("model_config", metadata.get("config"))  # "config": written before the split
+    if metadata.get("format") != "ugatit" or stored is None:
         raise CheckpointError(f"{file}: not a ugatit checkpoint (no embedded config)")
     try:
-        config = Config.from_dict(json.loads(metadata["config"]))
+        return model_config_from_dict(json.loads(stored), str(file))
     except (ConfigError, json.JSONDecodeError, TypeError) as exc:
         raise CheckpointError(f"{file}: its embedded config is unusable ({exc})") from None
+
+
+def load_model(
+    path: str | os.PathLike, networks: Iterable[str] | None = None
+) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]]]:
+    """Read a model file: its model config and the state_dicts of `networks` (all stored ones by default)."""
+    file = resolve_model(path)
+    config = read_model_config(file)
     with safe_open(file, framework="pt") as f:
         stored = {key.partition(".")[0] for key in f.keys()}
         wanted = list(networks) if networks is not None else [n for n in NETWORKS if n in stored]
@@ -115,3 +212,81 @@ def load_model(
         tensors = {key: f.get_tensor(key) for key in f.keys() if key.partition(".")[0] in wanted}
     states = unflatten(tensors)
     return config, {name: states[name] for name in wanted}
+
+
+def load_networks(path: str | os.PathLike, nets: dict[str, torch.nn.Module]) -> None:
+    """Load the stored weights of each of `nets` (keyed by network name) into it; a mismatch names the file."""
+    _, states = load_model(path, list(nets))
+    for name, net in nets.items():
+        try:
+            net.load_state_dict(states[name])
+        except RuntimeError as exc:
+            first_line = str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"{path}: {name} does not fit its embedded config ({first_line})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training checkpoints
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every random generator a training step draws from, as plain tensors and numbers."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    keys = np_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(trainer: Any, run_dir: str | os.PathLike, extra: dict[str, Any], name: str | None = None) -> Path:
+    """Write a trainer's `checkpoints/step_N` (or `checkpoints/<name>`, replacing it) atomically. `extra` (data
+    positions, RNG states, ...) goes into the training state beside the optimizers."""
+    final = Path(run_dir) / "checkpoints" / (name or f"{CHECKPOINT_PREFIX}{trainer.step:07d}")
+    if final.exists() and name is None:
+        return final
+
+    def write(folder: Path) -> None:
+        folder.mkdir()
+        states = {net_name: net.state_dict() for net_name, net in trainer.nets.items()}
+        save_model(folder / MODEL_FILE, states, trainer.model, step=str(trainer.step))
+        state = {"step": trainer.step, "opt_G": trainer.opt_G.state_dict(), "opt_D": trainer.opt_D.state_dict()}
+        torch.save({**state, **extra}, folder / STATE_FILE)
+
+    return atomic_write(final, write)
+
+
+def load_checkpoint(trainer: Any, checkpoint: str | os.PathLike, rank: int = 0) -> dict[str, Any]:
+    """Restore a trainer's networks, optimizers, step and this rank's RNG states; returns the saved state."""
+    checkpoint = Path(checkpoint)
+    load_networks(checkpoint, trainer.nets)
+    try:
+        state = torch.load(checkpoint / STATE_FILE, map_location=trainer.device, weights_only=True)
+    except Exception as exc:  # a damaged file: say which and stop, rather than train from a wrong state
+        raise CheckpointError(f"{checkpoint / STATE_FILE}: unreadable training state ({exc})") from None
+    trainer.opt_G.load_state_dict(state["opt_G"])
+    trainer.opt_D.load_state_dict(state["opt_D"])
+    trainer.step = state["step"]
+    set_rng_state(state["rng"][rank % len(state["rng"])], trainer.device)
+    return state
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the last `keep_last` step checkpoints (0 keeps them all)."""
+    if keep_last > 0:
+        for _, path in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(path)

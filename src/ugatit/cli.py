@@ -15,15 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .checkpoint import CheckpointError, load_model, save_model
-from .config import PRESETS, Config, ConfigError
+from .checkpoint import CheckpointError, describe_source, is_run_folder, load_model, resolve_model, save_model
+from .config import FAST_DTYPES, PRECISIONS, PRESETS, ConfigError, ModelConfig, RunConfig
 from .data import BadImageError, DataError
+from .devices import DEVICE_NAMES, DeviceError
 from .export import ExportError
+from .extras import require
 from .inception import InceptionWeightsError
 
 # ImportError: an optional extra that is not installed (the message names the pip command).
 USER_ERRORS = (
-    InceptionWeightsError, CheckpointError, ConfigError, DataError, BadImageError, ExportError,
+    InceptionWeightsError, CheckpointError, ConfigError, DataError, BadImageError, ExportError, DeviceError,
     FileExistsError, FileNotFoundError, ImportError,
 )  # fmt: skip
 
@@ -38,6 +40,12 @@ def _positive_int(text: str) -> int:
 def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+
+
+def _announce(path: str) -> None:
+    """Say which checkpoint a run folder stands for (its latest), so that the user knows what was used."""
+    if is_run_folder(path):
+        print(f"using {describe_source(path, resolve_model(path))}")
 
 
 def cmd_import_official(args: argparse.Namespace) -> None:
@@ -57,6 +65,7 @@ def cmd_export_official(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     _refuse_existing(out, args.overwrite)
+    _announce(args.checkpoint)
     config, states = load_model(args.checkpoint, NETWORKS)
     save_official(states, config, out)
     print(f"wrote official-layout checkpoint {out}")
@@ -65,17 +74,24 @@ def cmd_export_official(args: argparse.Namespace) -> None:
 _TYPES = {"int": int, "float": float, "str": str}
 
 
+_CONFIGS = {"model": ModelConfig, "run": RunConfig}
+
+
 def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per Config field, named after it in kebab-case; unset options stay None (= not requested)."""
-    group = parser.add_argument_group("configuration (every Config field; defaults are the official ones)")
-    defaults = Config()
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"default {getattr(defaults, f.name)!r}"
-        if f.type == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            group.add_argument(flag, type=_TYPES[str(f.type)], default=None, metavar=f.name.upper(), help=help_text)
+    """One option per field of both configurations, named after it in kebab-case; unset options stay None (= not
+    requested)."""
+    for title, cls in _CONFIGS.items():
+        group = parser.add_argument_group(f"{title} configuration (defaults are the official ones)")
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            resumable = ", may change on resume" if f.metadata.get("resumable") else ""
+            help_text = f"default {getattr(defaults, f.name)!r}{resumable}"
+            if f.type == "bool":
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            else:
+                kind = _TYPES[str(f.type)]
+                group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -84,11 +100,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {file} does not exist")
     text = file.read_text()
     if file.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(f"{file}: reading YAML needs pyyaml: pip install 'ugatit[yaml]' (or use JSON)") from None
-        values = yaml.safe_load(text) or {}
+        values = require("yaml", "yaml").safe_load(text) or {}
     else:
         values = json.loads(text)
     if not isinstance(values, dict):
@@ -105,24 +117,24 @@ def requested_config(args: argparse.Namespace) -> dict[str, Any]:
         requested.update(PRESETS[args.preset])
     if args.config:
         requested.update(_read_config_file(args.config))
-    for f in dataclasses.fields(Config):
-        value = getattr(args, f.name)
-        if value is not None:
-            requested[f.name] = value
+    for cls in _CONFIGS.values():
+        for f in dataclasses.fields(cls):
+            value = getattr(args, f.name)
+            if value is not None:
+                requested[f.name] = value
     return requested
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import run_config, train
+    from .train import resolve_configs, train
 
-    config = run_config(args.run_dir, requested_config(args), overwrite=args.overwrite)
-    mode = "light" if config.light else "full"
+    model, run = resolve_configs(args.run_dir, requested_config(args), overwrite=args.overwrite)
     print(
-        f"training {args.data} -> {args.run_dir}: {config.img_size} px, ch {config.ch}, n_res {config.n_res}, {mode}, "
-        f"{config.iterations} iterations, batch {config.batch_size}, precision {config.precision}"
+        f"training {args.data} -> {args.run_dir}: {model.describe()}, {run.iterations} iterations, "
+        f"batch {run.batch_size}, precision {run.precision}"
     )
     train(
-        config, args.data, args.run_dir, device=args.device, overwrite=args.overwrite,
+        model, run, args.data, args.run_dir, device=args.device, overwrite=args.overwrite,
         skip_bad_images=args.skip_bad_images, until=args.until, progress=not args.no_progress,
         inception_weights=args.inception_weights,
     )  # fmt: skip
@@ -151,6 +163,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     _refuse_existing(out, args.overwrite)
+    _announce(args.checkpoint)
     if args.format == "onnx":
         from .export import export_onnx
 
@@ -176,14 +189,16 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
-    from .export import load_translator
+    from .backends import load_translator
     from .inference import translate_files
 
-    if args.fast and args.backend != "torch":
-        raise ConfigError("--fast is the torch backend's fast path; drop it with --backend onnxruntime")
+    if args.precision != "exact" and args.backend != "torch":
+        raise ConfigError("--precision fast is the torch backend's; drop it with --backend onnxruntime")
+    _announce(args.checkpoint)
     translator = load_translator(
-        args.checkpoint, args.direction, backend=args.backend, device=args.device, fast=args.fast
-    )
+        args.checkpoint, args.direction, backend=args.backend, device=args.device,
+        precision=args.precision, fast_dtype=args.fast_dtype,
+    )  # fmt: skip
     outputs = translate_files(
         translator, args.inputs, args.out, batch_size=args.batch_size, heatmap=args.heatmap,
         original_size=args.original_size, overwrite=args.overwrite, progress=not args.no_progress,
@@ -200,8 +215,8 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .devices import resolve_device
     from .evaluate import KIDSettings, evaluate_checkpoint, evaluate_folders, format_table, write_results
-    from .train import resolve_device
 
     out = Path(args.out)
     _refuse_existing(out, args.overwrite)
@@ -220,12 +235,26 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             raise ConfigError(
                 f"--real {real!r}: with a checkpoint it names the split of the real images, test or train"
             )
+        _announce(args.checkpoint)
         results = evaluate_checkpoint(
-            args.checkpoint, args.data, args.direction, real, args.inception_weights, args.translations, **common
-        )
+            args.checkpoint, args.data, args.direction, real, args.inception_weights, args.translations, **common,
+            precision=args.precision, fast_dtype=args.fast_dtype,
+        )  # fmt: skip
     print(format_table(results))
     write_results(results, out)
     print(f"every number and the protocol: {out}")
+
+
+def add_precision_options(parser: argparse.ArgumentParser) -> None:
+    """--precision and --fast-dtype, spelled and meant as in training (`RunConfig`)."""
+    parser.add_argument(
+        "--precision",
+        default="exact",
+        choices=PRECISIONS,
+        help="exact: the official fp32 computation; fast: ugatit's fast path (default exact)",
+    )
+    parser.add_argument("--fast-dtype", default="auto", choices=FAST_DTYPES,
+                        help="the fast path's compute dtype; auto: bf16 where the device has bf16 units")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_official)
 
     p = sub.add_parser("export-official", help="write our checkpoint in the official PyTorch layout")
-    p.add_argument("checkpoint", help="our checkpoint (.safetensors file or checkpoint folder)")
+    p.add_argument("checkpoint", help="our checkpoint (.safetensors file, checkpoint folder or run folder)")
     p.add_argument("--out", required=True, help="official-layout file to write (.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export_official)
@@ -257,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="where checkpoints, samples and logs go; rerun to resume")
     p.add_argument("--preset", choices=list(PRESETS), help="paper (official defaults), light, cpu-small")
     p.add_argument("--config", help="YAML or JSON file of config fields; command-line options override it")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICE_NAMES)
     p.add_argument("--overwrite", action="store_true", help="delete the run in --run-dir and start again")
     p.add_argument("--skip-bad-images", action="store_true", help="list unusable images and train without them")
     p.add_argument("--until", type=int, help="stop after this step (with a checkpoint), before --iterations")
@@ -272,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("translate", help="translate images with a trained model")
-    p.add_argument("checkpoint", help="checkpoint folder, model file, Hub-style folder, or .onnx file")
+    p.add_argument("checkpoint", help="run folder (its latest checkpoint), checkpoint folder, model file, Hub-style "
+                   "folder, or .onnx file")  # fmt: skip
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or glob patterns")
     p.add_argument("--out", required=True, help="output folder; one PNG per input, named after it")
     p.add_argument("--direction", choices=["A2B", "B2A"], help="default: A2B, or the direction of an .onnx file")
@@ -282,11 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", action="store_true", help="also write the attention heatmap over each input")
     p.add_argument("--original-size", action="store_true", help="return results at each input's own size")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICE_NAMES)
     p.add_argument(
         "--backend", default="torch", choices=["torch", "onnxruntime"], help="onnxruntime needs ugatit[onnx]"
     )
-    p.add_argument("--fast", action="store_true", help="torch backend: fused kernels, bf16 where native")
+    add_precision_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_translate)
 
@@ -305,12 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kid-subsets", type=int, default=100, help="subsets of the KID estimator (torch-fidelity: 100)")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="rows per subset (clipped to the image count)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per Inception call (default 32)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_precision_options(p)
+    p.add_argument("--device", default="auto", choices=DEVICE_NAMES)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="write a model file for inference or deployment from a checkpoint")
-    p.add_argument("checkpoint", help="checkpoint folder or .safetensors file")
+    p.add_argument("checkpoint", help="run folder (its latest checkpoint), checkpoint folder or .safetensors file")
     p.add_argument("--out", required=True, help="file (or folder, for --format pretrained) to write")
     p.add_argument(
         "--format", default="safetensors", choices=["safetensors", "onnx", "pretrained"],

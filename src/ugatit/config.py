@@ -1,34 +1,74 @@
-"""The one configuration object: every hyper-parameter of a run, with the official defaults.
+"""The two configurations: what a model is (`ModelConfig`) and how a run trains it (`RunConfig`).
 
-Everything that shapes a model or a run lives here and nowhere else; networks, trainer, data pipeline and CLI take
-their numbers from a `Config` passed to them explicitly. The config is saved inside every checkpoint, so a checkpoint
-alone is enough to rebuild its networks.
+A checkpoint, an ONNX file and a Hub folder embed the `ModelConfig` alone: it is all that rebuilding the networks
+and feeding them images needs. The `RunConfig` lives in the run folder (`config.json`) beside the checkpoints.
+Every field of both has a command-line option of the same name (`--img-size`, `--lr`, ...); field names are unique
+across the two, so a flat mapping of settings (a preset, a config file, the options) splits into them unambiguously
+(`split_settings`). A run field marked `resumable` may change when a run is resumed; any other change makes it
+another run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-# The fast path's compute dtypes by name; "auto" resolves per device (precision.resolve_dtype).
+# The fast path's compute dtypes by name; "auto" resolves per device (fast.precision.resolve_dtype).
 FAST_DTYPES = ("auto", "bfloat16", "float32")
+PRECISIONS = ("exact", "fast")
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message says which and what to use instead."""
 
 
-@dataclass
-class Config:
-    # Architecture (UGATIT_SPEC.md section 1).
+def _resumable(default: Any) -> Any:
+    return field(default=default, metadata={"resumable": True})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture (docs/spec.md section 1) and the input framing the networks were trained on."""
+
     img_size: int = 256
     ch: int = 64
     n_res: int = 4
     light: bool = False
     global_layers: int = 7
     local_layers: int = 5
+    # Inputs are resized to img_size (the official transform), or with keep_aspect their shorter side is, then
+    # centre-cropped: translation must frame images as training did.
+    keep_aspect: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("img_size", "ch", "n_res"))
+        if self.img_size % 4 != 0 or self.img_size < 8:
+            raise ConfigError(
+                f"img_size={self.img_size}: the generator downsamples twice, so img_size must be a multiple of 4 "
+                "and at least 8"
+            )
+        for name in ("global_layers", "local_layers"):
+            layers = getattr(self, name)
+            if layers < 3:
+                raise ConfigError(f"{name}={layers}: a discriminator needs at least 3 layers")
+            need = min_image_size(layers)
+            if self.img_size < need:
+                raise ConfigError(
+                    f"img_size={self.img_size} is too small for {name}={layers}: it needs img_size >= {need}; "
+                    f"use img_size >= {need} or {name} <= {max_layers(self.img_size)}"
+                )
+
+    def describe(self) -> str:
+        mode = "light" if self.light else "full"
+        return f"{self.img_size} px, ch {self.ch}, n_res {self.n_res}, {mode}"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything else a training run needs: loss weights, optimisation, precision, data, bookkeeping."""
+
     # Loss weights (paper lambda_1..lambda_4).
     adv_weight: float = 1.0
     cycle_weight: float = 10.0
@@ -39,35 +79,38 @@ class Config:
     beta1: float = 0.5
     beta2: float = 0.999
     weight_decay: float = 1e-4
-    iterations: int = 1_000_000
+    iterations: int = _resumable(1_000_000)
     batch_size: int = 1
     decay: bool = True
     seed: int = 0
-    # Speed: "exact" is the fp32 eager path that meets the official parity; "fast" uses fused normalisations,
-    # fused spectral products and fused Adam, autocasts to fast_dtype ("auto": bf16 where the device has bf16
-    # hardware, AMX/AVX512-BF16 CPUs and recent GPUs, fp32 elsewhere; precision.py), and in fp32 on CPU runs the
-    # generators' large 3x3 convolutions by Winograd (winograd.py).
-    precision: str = "exact"
-    fast_dtype: str = "auto"
-    compile: bool = False
-    grad_checkpoint: bool = False
-    # Data pipeline.
+    # How the step is computed, never what it computes: "exact" is the fp32 path that meets the official parity,
+    # "fast" the `ugatit.fast` layer, computing in fast_dtype ("auto": bf16 where the device has bf16 units).
+    precision: str = _resumable("exact")
+    fast_dtype: str = _resumable("auto")
+    compile: bool = _resumable(False)
+    grad_checkpoint: bool = _resumable(False)
+    # Hand the C heap's free pages back to the OS once per CPU step (`tuning.release_free_heap`).
+    release_heap: bool = _resumable(True)
+    # Data pipeline. Resize to img_size + crop_margin, then random-crop img_size: the official 30 px is a 12 % zoom
+    # at 256 px; at small sizes use ~12 % of img_size instead.
     augment: bool = True
-    # Resize to img_size + crop_margin, then random-crop img_size: the official 30 px is a 12 % zoom at 256 px;
-    # at small sizes use ~12 % of img_size instead (a 2x zoom at 32 px trains on crops unlike whole images).
     crop_margin: int = 30
-    keep_aspect: bool = False
-    num_workers: int = 2
-    cache_images: str = "auto"
-    # Run bookkeeping.
-    save_every: int = 1000
-    sample_every: int = 1000
-    log_every: int = 10
-    keep_last: int = 3
-    eval_every: int = 0
+    num_workers: int = _resumable(2)
+    cache_images: str = _resumable("auto")
+    # Bookkeeping.
+    save_every: int = _resumable(1000)
+    sample_every: int = _resumable(1000)
+    log_every: int = _resumable(10)
+    keep_last: int = _resumable(3)
+    eval_every: int = _resumable(0)
 
     def __post_init__(self) -> None:
-        self.validate()
+        _check_positive(self, ("iterations", "batch_size"))
+        check_precision(self.precision, self.fast_dtype)
+        if self.crop_margin < 0:
+            raise ConfigError(f"crop_margin={self.crop_margin} must be >= 0")
+        if self.cache_images not in ("auto", "yes", "no"):
+            raise ConfigError(f"cache_images={self.cache_images!r} must be 'auto', 'yes' or 'no'")
 
     @property
     def betas(self) -> tuple[float, float]:
@@ -75,55 +118,57 @@ class Config:
 
     @property
     def fast(self) -> bool:
-        """The fast path: fused kernels, autocast to fast_dtype, Winograd in fp32 on CPU; else the exact fp32 path."""
         return self.precision == "fast"
 
-    def validate(self) -> None:
-        """Refuse settings that would fail deep inside a forward pass, with the value to use instead."""
-        for name in ("img_size", "ch", "n_res", "iterations", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
-        if self.img_size % 4 != 0 or self.img_size < 8:
-            raise ConfigError(
-                f"img_size={self.img_size}: the generator downsamples twice, so img_size must be a multiple of 4 "
-                "and at least 8"
-            )
-        if self.precision not in ("exact", "fast"):
-            raise ConfigError(f"precision={self.precision!r} must be 'exact' or 'fast'")
-        if self.fast_dtype not in FAST_DTYPES:
-            raise ConfigError(f"fast_dtype={self.fast_dtype!r} must be one of: {', '.join(FAST_DTYPES)}")
-        if self.crop_margin < 0:
-            raise ConfigError(f"crop_margin={self.crop_margin} must be >= 0")
-        if self.cache_images not in ("auto", "yes", "no"):
-            raise ConfigError(f"cache_images={self.cache_images!r} must be 'auto', 'yes' or 'no'")
-        for name in ("global_layers", "local_layers"):
-            layers = getattr(self, name)
-            if layers < 3:
-                raise ConfigError(f"{name}={layers}: a discriminator needs at least 3 layers")
-            need = min_image_size(layers)
-            if self.img_size < need:
-                deepest = max_layers(self.img_size)
-                raise ConfigError(
-                    f"img_size={self.img_size} is too small for {name}={layers}: it needs img_size >= {need}; "
-                    f"use img_size >= {need} or {name} <= {deepest}"
-                )
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+def check_precision(precision: str, fast_dtype: str = "auto") -> None:
+    """Refuse a precision or fast dtype name that no command knows, with the names that work."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} must be one of: {', '.join(PRECISIONS)}")
+    if fast_dtype not in FAST_DTYPES:
+        raise ConfigError(f"fast_dtype={fast_dtype!r} must be one of: {', '.join(FAST_DTYPES)}")
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
-        return cls(**values)
+def _check_positive(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name}={getattr(config, name)} must be a positive integer")
 
-    def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
+RESUMABLE = frozenset(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("resumable"))
+
+
+def split_settings(values: dict[str, Any], source: str = "settings") -> tuple[dict[str, Any], dict[str, Any]]:
+    """A flat mapping of field names as the model's and the run's; an unknown name is refused."""
+    unknown = sorted(set(values) - set(MODEL_FIELDS) - set(RUN_FIELDS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+    model = {k: v for k, v in values.items() if k in MODEL_FIELDS}
+    run = {k: v for k, v in values.items() if k in RUN_FIELDS}
+    return model, run
+
+
+def configs(**values: Any) -> tuple[ModelConfig, RunConfig]:
+    """Both configurations from flat settings: `configs(img_size=64, lr=2e-4)`."""
+    model, run = split_settings(values)
+    return ModelConfig(**model), RunConfig(**run)
+
+
+def to_dict(config: ModelConfig | RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def model_config_from_dict(values: dict[str, Any], source: str = "model config") -> ModelConfig:
+    """A `ModelConfig` from stored settings. Files written before the split embedded every setting of the run;
+    their run settings are dropped, since rebuilding the networks never needed them."""
+    model, _ = split_settings(values, source)
+    return ModelConfig(**model)
+
+
+def model_config_to_json(config: ModelConfig) -> str:
+    return json.dumps(to_dict(config), sort_keys=True)
 
 
 def _disc_output_size(img_size: int, layers: int) -> int:
@@ -160,7 +205,7 @@ def max_layers(img_size: int) -> int:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The official defaults (UGATIT_SPEC.md section 3).
+    # The official defaults (docs/spec.md section 3).
     "paper": {},
     "light": {"light": True},
     # Learns visibly on a 2-core CPU in minutes (the quickstart): 64 px, 8 channels, discriminators of 5 and 4
@@ -186,7 +231,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(name: str, **overrides: Any) -> Config:
+def preset(name: str, **overrides: Any) -> tuple[ModelConfig, RunConfig]:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return Config(**{**PRESETS[name], **overrides})
+    return configs(**{**PRESETS[name], **overrides})

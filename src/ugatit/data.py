@@ -29,6 +29,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 TRAIN_DIRS = ("trainA", "trainB")
 TEST_DIRS = ("testA", "testB")
 CROP_MARGIN = 30  # official U-GAT-IT: resize to img_size + 30, then random-crop img_size (Config.crop_margin)
+LOAD_THREADS = min(8, os.cpu_count() or 1)  # threads that decode images: PIL releases the GIL while decoding
 CACHE_LIMIT_BYTES = 2 * 1024**3  # cache="auto" keeps decoded images in RAM below this size
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -153,7 +154,7 @@ def _problem(path: Path, min_size: int) -> str | None:
 
 def _parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """Threads suffice: PIL releases the GIL while decoding."""
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(LOAD_THREADS) as pool:
         return list(pool.map(fn, items))
 
 
@@ -217,9 +218,14 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return x.float().div_(255).sub_(0.5).div_(0.5)
 
 
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Generator values in [-1, 1] as 8-bit pixel values, rounded as an 8-bit image file stores them."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_image(x: torch.Tensor) -> Image.Image:
     """CxHxW tensor in [-1, 1] (C = 3 or 1) -> 8-bit PIL image; values outside are clipped."""
-    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    arr = to_uint8(x.detach().float().cpu())
     arr = arr.permute(1, 2, 0).numpy()
     return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
 
@@ -332,8 +338,7 @@ class EpochSampler:
     start + r, start + r + world_size, ... so at every step the ranks together see exactly the samples (and
     augmentations) that one process with world_size times the batch would see, and a run resumed with another
     world size continues the same global stream. ``start`` counts the samples consumed by all ranks together
-    (step * batch_size * world_size); DataLoader prefetching makes ``position`` run ahead of what the trainer used,
-    so never resume from it. Give each domain its own seed, or domains A and B share their shuffling order.
+    (step * batch_size * world_size). Give each domain its own seed, or domains A and B share their shuffling order.
     """
 
     def __init__(
@@ -346,7 +351,7 @@ class EpochSampler:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
-        self.start = self.position = start
+        self.start = start
         self._epoch: tuple[int, np.ndarray] | None = None
 
     def permutation(self, epoch: int) -> np.ndarray:
@@ -367,13 +372,8 @@ class EpochSampler:
     def __iter__(self) -> Iterator[tuple[int, int]]:
         draw = 0
         while True:
-            self.position = self.slot(draw)
-            yield self.at(self.position)
+            yield self.at(self.slot(draw))
             draw += 1
-
-    def state_dict(self) -> dict[str, int]:
-        """Informational (position includes prefetched samples); see the class docstring."""
-        return {"seed": self.seed, "position": self.position, "rank": self.rank, "world_size": self.world_size}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .config import Config, ConfigError
+from .config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,12 @@ def teardown(info: Dist) -> None:
         dist.destroy_process_group()
 
 
-def check_same_config(info: Dist, config: Config) -> None:
+def check_same_config(info: Dist, settings: dict[str, Any]) -> None:
     """Refuse to train when ranks were started with different settings (they would silently diverge)."""
     if not info.enabled:
         return
     configs: list[Any] = [None] * info.world_size
-    dist.all_gather_object(configs, config.to_dict())
+    dist.all_gather_object(configs, settings)
     for rank, other in enumerate(configs):
         diff = sorted(k for k in other if other[k] != configs[0][k])
         if diff:

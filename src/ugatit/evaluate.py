@@ -2,7 +2,7 @@
 
 Every result records its full protocol (folders, image counts, resize rule, estimator settings, the Inception
 weights' sha256, the ugatit version) because KID numbers are only comparable under the same protocol, and the
-U-GAT-IT paper's own numbers were made with a non-standard one (UGATIT_SPEC.md section 5.4). The standard KID is
+U-GAT-IT paper's own numbers were made with a non-standard one (docs/kid-protocol.md). The standard KID is
 `kid` (torch-fidelity's subset estimator); `kid_blocks` and `mean_kid` are the authors' variants, for comparison.
 Values are raw (KID is an MMD^2); only `format_table` multiplies KID by 100, as the paper's tables do.
 
@@ -29,14 +29,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import atomic_write, load_model
-from .data import DataError, eval_transform, list_images, load_rgb
+from .checkpoint import atomic_write, read_model_config
+from .config import check_precision, to_dict
+from .data import LOAD_THREADS, DataError, eval_transform, list_images, load_rgb, to_uint8
 from .inception import FEATURE_DIM, WEIGHTS_NAME, InceptionFeatures
-from .inference import DIRECTIONS, Translator, default_batch_size, generator_name, translate_files
+from .inference import Translator, default_batch_size, translate_files
 from .metrics import fid, kid_blocks, kid_subsets, mean_kid, mmd2_unbiased
+from .models import DIRECTIONS, generator_name
 
 REAL_SPLITS = ("test", "train")
-_LOAD_THREADS = min(8, os.cpu_count() or 1)  # PIL releases the GIL while decoding
 
 Weights = str | os.PathLike | InceptionFeatures | None
 FeaturesOf = Callable[[Sequence[Path]], np.ndarray]
@@ -44,7 +45,7 @@ FeaturesOf = Callable[[Sequence[Path]], np.ndarray]
 
 @dataclass(frozen=True)
 class KIDSettings:
-    """Estimator settings; the defaults are torch-fidelity's and the U-GAT-IT authors' (KID_PROTOCOL.md)."""
+    """Estimator settings; the defaults are torch-fidelity's and the U-GAT-IT authors' (docs/kid-protocol.md)."""
 
     n_subsets: int = 100
     subset_size: int = 1000
@@ -90,7 +91,7 @@ def extract_features(
     model = model.to(device).eval()
     out = np.empty((len(items), FEATURE_DIM))
     bar = tqdm(total=len(items), unit="img", desc="Inception features", disable=not progress)
-    with ThreadPoolExecutor(_LOAD_THREADS) as pool, bar:
+    with ThreadPoolExecutor(LOAD_THREADS) as pool, bar:
         for start in range(0, len(items), batch_size):
             images = list(pool.map(_as_image, items[start : start + batch_size]))
             by_size: dict[tuple[int, int], list[int]] = {}
@@ -252,18 +253,21 @@ def evaluate_checkpoint(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    precision: str = "exact",
+    fast_dtype: str = "auto",
 ) -> dict[str, Any]:
     """Translate DATA/testA (A2B; DATA/testB for B2A) with the checkpoint and score the translations against the
     target domain's real images (DATA/testB, or DATA/trainB with real_split="train"); mean KID uses the
     translated source images. Translations go to `out_dir`/A2B (and /B2A), which must be new or empty, or to a
     temporary folder that is removed afterwards. `batch_size` is the Inception network's; the generators translate
-    at `inference.default_batch_size`."""
+    at `inference.default_batch_size`, with `precision` and `fast_dtype` as `inference.Translator` takes them."""
     directions = tuple(DIRECTIONS) if direction == "both" else (direction,)
     for name in directions:
         generator_name(name)
     if real_split not in REAL_SPLITS:
         raise ValueError(f"real_split={real_split!r} must be one of: {', '.join(REAL_SPLITS)}")
-    config, _ = load_model(checkpoint, [])  # only the config: a bad checkpoint fails before anything slow
+    check_precision(precision, fast_dtype)
+    config = read_model_config(checkpoint)  # only the config: a bad checkpoint fails before anything slow
     root = Path(data_root)
     plan = {}
     for name in directions:  # every folder is checked before anything slow happens
@@ -277,7 +281,7 @@ def evaluate_checkpoint(
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ugatit-eval-") as tmp:
         for name, (source_dir, sources, real_dir, reals, fake_dir) in plan.items():
-            translator = Translator.from_checkpoint(checkpoint, name, device=device)
+            translator = Translator.from_checkpoint(checkpoint, name, device, None, precision, fast_dtype)
             folder = fake_dir or Path(tmp) / name
             fakes = translate_files(translator, sources, folder, progress=progress)
             del translator  # a full generator is 1 GiB; the next direction builds its own
@@ -294,9 +298,10 @@ def evaluate_checkpoint(
         "translation": {
             "img_size": config.img_size,
             "keep_aspect": config.keep_aspect,
-            "rule": "official test transform (resize to img_size), fp32 generator, saved as 8-bit PNG",
+            "rule": "official test transform (resize to img_size), saved as 8-bit PNG",
+            "precision": precision,
         },
-        "config": config.to_dict(),
+        "config": to_dict(config),
         "directions": results,
     }
 
@@ -381,7 +386,7 @@ class KIDTracker:
     def _source(self, domain: str, img_size: int, keep_aspect: bool) -> torch.Tensor:
         key = (img_size, keep_aspect, domain)
         if key not in self._inputs:
-            with ThreadPoolExecutor(_LOAD_THREADS) as pool:
+            with ThreadPoolExecutor(LOAD_THREADS) as pool:
                 images = list(pool.map(load_rgb, self.paths[domain]))
             self._inputs[key] = torch.stack([eval_transform(image, img_size, keep_aspect) for image in images])
         return self._inputs[key]
@@ -393,13 +398,13 @@ class KIDTracker:
             for start in range(0, len(inputs), self.batch_size):
                 chunk = inputs[start : start + self.batch_size].to(device)
                 fake = torch.cat([generator(chunk[i : i + step])[0].float() for i in range(0, len(chunk), step)])
-                pixels = ((fake.clamp(-1, 1) + 1) * 127.5).round() / 255  # exactly what an 8-bit PNG holds
+                pixels = to_uint8(fake) / 255  # exactly what an 8-bit PNG holds
                 features.append(_features(self.model, pixels))
         return np.concatenate(features)
 
     def __call__(self, trainer: Any) -> dict[str, float]:
-        """`trainer` needs `.nets` (genA2B, genB2A) and `.config` (img_size, keep_aspect)."""
-        config = trainer.config
+        """`trainer` needs `.nets` (genA2B, genB2A) and `.model` (img_size, keep_aspect)."""
+        config = trainer.model
         scores = {}
         for name, generator_key in DIRECTIONS.items():
             generator = trainer.nets[generator_key]

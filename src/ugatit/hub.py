@@ -2,7 +2,7 @@
 
 A folder holds three files at its top level, which is what the Hub expects and renders:
 
-    config.json          the Config, plus "ugatit_version", "architecture" and the "directions" it can translate
+    config.json          the ModelConfig, plus "ugatit_version", "architecture" and the "directions" it can translate
     model.safetensors    the generator(s) in our checkpoint format (config embedded), so `checkpoint.load_model`,
                          `Translator.from_checkpoint` and `ugatit translate` read the folder as it is
     README.md            the model card: Hub front matter (library, tags, license), training settings, metrics, usage
@@ -23,12 +23,12 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import MODEL_FILE, atomic_write, load_model, read_metadata, save_model
-from .config import Config
-from .inference import DIRECTIONS, Translator, generator_name
-from .trainer import Trainer
+from .checkpoint import CONFIG_FILE, MODEL_FILE, atomic_write, load_model, read_metadata, save_model, write_json
+from .config import ModelConfig, model_config_from_dict, to_dict
+from .extras import require
+from .inference import Translator
+from .models import DIRECTIONS, generator_name
 
-CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 HUB_FILES = (CONFIG_FILE, MODEL_FILE, CARD_FILE)
 ARCHITECTURE = "U-GAT-IT"
@@ -43,9 +43,10 @@ def _directions(direction: str | None) -> list[str]:
 
 
 def _collect(
-    source: str | os.PathLike | Translator | Trainer, direction: str | None
-) -> tuple[Config, dict[str, dict[str, torch.Tensor]], list[str], str | None]:
-    """Config, generator states, directions and training step (if known) of whatever `save_pretrained` was given."""
+    source: Any, direction: str | None
+) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]], list[str], str | None]:
+    """Model config, generator states, directions and training step (if known) of whatever `save_pretrained` was
+    given: a `Translator`, a trainer (anything with `nets`, `model` and `step`), or a checkpoint."""
     if isinstance(source, Translator):
         if direction not in (None, source.direction):
             raise ValueError(f"direction={direction!r}, but the translator translates {source.direction}")
@@ -53,8 +54,8 @@ def _collect(
         return source.config, {name: source.generator.state_dict()}, [source.direction], None
     directions = _directions(direction)
     names = [generator_name(d) for d in directions]
-    if isinstance(source, Trainer):
-        return source.config, {name: source.nets[name].state_dict() for name in names}, directions, str(source.step)
+    if hasattr(source, "nets"):
+        return source.model, {name: source.nets[name].state_dict() for name in names}, directions, str(source.step)
     config, states = load_model(source, names)
     return config, states, directions, read_metadata(source).get("step")
 
@@ -72,7 +73,7 @@ def _table(header: tuple[str, str], rows: Mapping[str, Any]) -> str:
 
 
 def model_card(
-    config: Config,
+    config: ModelConfig,
     directions: list[str],
     training_info: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
@@ -128,12 +129,12 @@ def model_card(
     if metrics:
         shown = {name: f"{value:.4g}" if isinstance(value, float) else value for name, value in metrics.items()}
         body += ["", "## Metrics", "", _table(("metric", "value"), shown)]
-    body += ["", "## Configuration", "", _table(("setting", "value"), config.to_dict())]
+    body += ["", "## Configuration", "", _table(("setting", "value"), to_dict(config))]
     return "\n".join(front + [""] + body) + "\n"
 
 
 def save_pretrained(
-    model_or_checkpoint: str | os.PathLike | Translator | Trainer,
+    model_or_checkpoint: Any,
     directory: str | os.PathLike,
     direction: str | None = None,
     training_info: Mapping[str, Any] | None = None,
@@ -144,10 +145,11 @@ def save_pretrained(
 ) -> Path:
     """Write a model folder (config.json, model.safetensors, README.md) that can be pushed to the Hub as it is.
 
-    `model_or_checkpoint` is a checkpoint (file or folder), a `Translator` or a `Trainer`. `direction` None keeps
-    both generators (one for a translator), "A2B" or "B2A" only that one. `training_info` (data folders, step, ...)
-    and `metrics` go into the model card; a checkpoint's or trainer's training step is added unless given. Every
-    file is written atomically; a folder already holding any of the three files is refused unless `overwrite`.
+    `model_or_checkpoint` is a checkpoint (file, folder or run folder), a `Translator` or a `Trainer`.
+    `direction` None keeps both generators (one for a translator), "A2B" or "B2A" only that one. `training_info`
+    (data folders, step, ...) and `metrics` go into the model card; a checkpoint's or trainer's training step is
+    added unless given. Every file is written atomically; a folder already holding any of the three files is
+    refused unless `overwrite`.
     """
     directory = Path(directory)
     if not overwrite:
@@ -158,42 +160,30 @@ def save_pretrained(
     info = ({"step": step} if step is not None else {}) | dict(training_info or {})
     meta = {"step": str(info["step"])} if "step" in info else {}
     save_model(directory / MODEL_FILE, states, config, **meta)
-    config_json = {**config.to_dict(), "ugatit_version": __version__, "architecture": ARCHITECTURE}
-    config_json["directions"] = directions
-    text = json.dumps(config_json, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    config_json = {**to_dict(config), "ugatit_version": __version__, "architecture": ARCHITECTURE}
+    write_json(directory / CONFIG_FILE, {**config_json, "directions": directions})
     card = model_card(config, directions, info, metrics, license)
     atomic_write(directory / CARD_FILE, lambda tmp: tmp.write_text(card, encoding="utf-8"))
     return directory
 
 
-def read_config(directory: str | os.PathLike) -> Config:
-    """The Config of a model folder's config.json (the keys that are not Config fields are dropped)."""
-    values = json.loads((Path(directory) / CONFIG_FILE).read_text(encoding="utf-8"))
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a model folder's config.json (folders written before the split list their run's settings
+    too; they are dropped)."""
+    file = Path(directory) / CONFIG_FILE
+    values = json.loads(file.read_text(encoding="utf-8"))
     for key in ("ugatit_version", "architecture", "directions"):
         values.pop(key, None)
-    return Config.from_dict(values)
+    return model_config_from_dict(values, str(file))
 
 
-def from_pretrained(
-    directory: str | os.PathLike,
-    direction: str = "A2B",
-    device: str | torch.device = "cpu",
-    batch_size: int | None = None,
-) -> Translator:
-    """A `Translator` for one direction of a model folder (the weights and their embedded config are the truth)."""
+def from_pretrained(directory: str | os.PathLike, direction: str = "A2B", **options: Any) -> Translator:
+    """A `Translator` for one direction of a model folder (the weights and their embedded config are the truth);
+    `options` (device, batch_size, precision, fast_dtype) as `Translator.from_checkpoint` takes them."""
     directory = Path(directory)
     if not (directory / MODEL_FILE).is_file():
         raise FileNotFoundError(f"{directory}: not a model folder (no {MODEL_FILE}); see ugatit.hub.save_pretrained")
-    return Translator.from_checkpoint(directory, direction, device, batch_size)
-
-
-def _huggingface_hub() -> Any:
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise ImportError("huggingface_hub is not installed; install it with: pip install 'ugatit[hub]'") from None
-    return huggingface_hub
+    return Translator.from_checkpoint(directory, direction, **options)
 
 
 def push_to_hub(
@@ -208,7 +198,7 @@ def push_to_hub(
     missing = [name for name in HUB_FILES if not (directory / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{directory}: no {', '.join(missing)}; write the folder with save_pretrained first")
-    hub = _huggingface_hub()
+    hub = require("huggingface_hub", "hub")
     api = hub.HfApi(token=token, library_name="ugatit", library_version=__version__)
     api.create_repo(repo_id, private=private, exist_ok=True)
     commit = api.upload_folder(
@@ -221,7 +211,7 @@ def pull_from_hub(
     repo_id: str, local_dir: str | os.PathLike, revision: str | None = None, token: str | None = None
 ) -> Path:
     """Download the model folder of Hub repository `repo_id` into `local_dir`; returns `local_dir`."""
-    hub = _huggingface_hub()
+    hub = require("huggingface_hub", "hub")
     path = hub.snapshot_download(
         repo_id,
         revision=revision,

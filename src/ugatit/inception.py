@@ -15,7 +15,6 @@ which a file written by an old PyTorch may lack; they do nothing in eval mode an
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import tempfile
@@ -28,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+
+from .checkpoint import sha256_of
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
@@ -247,15 +248,6 @@ class FIDInceptionV3(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Weight file
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks (the weight file is ~91 MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cache_dir() -> Path:

@@ -7,6 +7,7 @@ sample, so no image sees another one's statistics.
 
 `translate_files` does every check before it writes anything (inputs exist, are decodable, no output exists
 unless overwriting is asked for, no output lands on an input), so a refused job leaves the output folder as it was.
+It takes any translator: this module's, or the ONNX Runtime one (`onnx_runtime.py`).
 """
 
 from __future__ import annotations
@@ -24,35 +25,28 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_model
-from .config import Config
-from .data import eval_transform, list_images, load_rgb, to_image
-from .models import build_generator
-from .precision import autocast, fast_memory_format, resolve_dtype
+from . import fast
+from .checkpoint import describe_source, load_networks, read_model_config, resolve_model
+from .config import ModelConfig, check_precision
+from .data import LOAD_THREADS, eval_transform, list_images, load_rgb, to_image
+from .models import build_generator, generator_name
 from .visualize import overlay_heatmap, save_image
 
-DIRECTIONS = {"A2B": "genA2B", "B2A": "genB2A"}
 HEATMAP_SUFFIX = "_heatmap"
 OUTPUT_SUFFIX = ".png"  # lossless whatever the input format, so outputs are exactly what the model produced
-_LOAD_THREADS = min(8, os.cpu_count() or 1)  # PIL releases the GIL while decoding
-
-
-def generator_name(direction: str) -> str:
-    """The network that translates in `direction` ("A2B" -> "genA2B")."""
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction {direction!r} must be one of: {', '.join(DIRECTIONS)}")
-    return DIRECTIONS[direction]
 
 
 class ImageTranslator:
     """What every backend shares: PIL images in, the official test transform, batching, PIL images out.
 
-    A backend supplies `config`, `batch_size` and `_forward(inputs) -> (images, raw heatmaps)` for a batch of
-    N x 3 x H x W tensors in [-1, 1].
+    A backend supplies `config`, `direction`, `batch_size`, `source` (what was loaded, for messages) and
+    `_forward(inputs) -> (images, raw heatmaps)` for a batch of N x 3 x H x W tensors in [-1, 1].
     """
 
-    config: Config
+    config: ModelConfig
+    direction: str
     batch_size: int
+    source: str
 
     def _forward(self, inputs: torch.Tensor) -> tuple[list[Image.Image], torch.Tensor | None]:
         raise NotImplementedError
@@ -108,40 +102,47 @@ def resolve_batch_size(batch_size: int | None, default: int) -> int:
 
 
 def default_batch_size(device: torch.device) -> int:
-    """Images per generator call when none is asked for: 8 on a GPU, 1 on a CPU, where a 256 px light generator took
-    10-55 % longer per image at batch 8 than at batch 1 (2-core machines: fp32 on AVX2, bf16 on AMX)."""
+    """Images per generator call when none is asked for: 8 on a GPU, 1 on a CPU, where larger batches took longer
+    per image (docs/performance.md, "Translation")."""
     return 8 if device.type == "cuda" else 1
 
 
 class Translator(ImageTranslator):
-    """One generator in eval mode with the config it was trained with; call it on PIL images.
+    """One generator in eval mode with the model config it was trained with; call it on PIL images.
 
     Results come at the trained `img_size`, the only size a full (non-light) generator accepts; `original_size=True`
     resizes them back (bicubic) to each input's width x height. `batch_size` bounds how many images go through the
     generator at once, which bounds memory, not the number of images a call accepts (default: `default_batch_size`).
-    `fast` runs the generator autocast to `dtype` (default: bf16 where the device has bf16 hardware, else fp32; see
-    `precision.py`; ignored without `fast`) in `precision.fast_memory_format`; build it with its fast kernels
-    (`from_checkpoint(..., fast=True)` does). The default is the exact fp32 path.
+    `precision="fast"` swaps `ugatit.fast` into the generator and runs it autocast to `fast_dtype` ("auto": bf16
+    where the device has bf16 units, else fp32), whatever the training run used; "exact" (the default) is the
+    official fp32 computation. The translator owns how its generator computes: it swaps the fast kernels in or out.
     """
 
     def __init__(
         self,
         generator: nn.Module,
-        config: Config,
+        config: ModelConfig,
         direction: str = "A2B",
         batch_size: int | None = None,
-        fast: bool = False,
-        dtype: torch.dtype | None = None,
+        precision: str = "exact",
+        fast_dtype: str = "auto",
+        source: str = "generator",
     ) -> None:
         generator_name(direction)  # refuses an unknown direction now rather than at the first call
+        check_precision(precision, fast_dtype)
         self.generator = generator.eval().requires_grad_(False)
         self.config = config
         self.direction = direction
+        self.source = source
         self.batch_size = resolve_batch_size(batch_size, default_batch_size(self.device))
-        self.fast = fast
-        # Translation picks its own dtype for the device it runs on, whatever the training run used.
-        self.dtype = (dtype or resolve_dtype("auto", self.device)) if fast else torch.float32
-        self.memory_format = fast_memory_format(self.device, self.dtype) if fast else torch.contiguous_format
+        self.precision = precision
+        if precision == "fast":
+            fast.apply(self.generator)
+            self.dtype = fast.resolve_dtype(fast_dtype, self.device)
+            self.memory_format = fast.memory_format(self.device, self.dtype)
+        else:
+            fast.remove(self.generator)
+            self.dtype, self.memory_format = torch.float32, torch.contiguous_format
         self.generator.to(memory_format=self.memory_format)
 
     @classmethod
@@ -151,22 +152,21 @@ class Translator(ImageTranslator):
         direction: str = "A2B",
         device: str | torch.device = "cpu",
         batch_size: int | None = None,
-        fast: bool = False,
-        dtype: torch.dtype | None = None,
+        precision: str = "exact",
+        fast_dtype: str = "auto",
     ) -> Translator:
-        """Build the `direction` generator from any of our checkpoints (full, generator-only, or a run folder).
+        """Build the `direction` generator from any of our checkpoints: a model file, a checkpoint folder, a
+        Hub-style folder, or a run folder (its latest checkpoint, which `source` names).
 
         Only that generator is built and loaded; a checkpoint without it raises `CheckpointError`.
         """
         name = generator_name(direction)
-        config, states = load_model(path, [name])
-        generator = build_generator(config.replace(precision="fast" if fast else "exact"))
-        try:
-            generator.load_state_dict(states[name])
-        except RuntimeError as exc:
-            first_line = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"{path}: {name} does not fit its embedded config ({first_line})") from None
-        return cls(generator.to(device), config, direction, batch_size, fast, dtype)
+        file = resolve_model(path)
+        config = read_model_config(file)
+        generator = build_generator(config)
+        load_networks(file, {name: generator})
+        source = describe_source(path, file)
+        return cls(generator.to(device), config, direction, batch_size, precision, fast_dtype, source)
 
     @property
     def device(self) -> torch.device:
@@ -175,7 +175,7 @@ class Translator(ImageTranslator):
     def _forward(self, inputs: torch.Tensor) -> tuple[list[Image.Image], torch.Tensor]:
         device = self.device
         x = inputs.to(device, memory_format=self.memory_format)
-        with torch.inference_mode(), autocast(device, self.dtype):
+        with torch.inference_mode(), fast.autocast(device, self.dtype):
             outputs, _, heatmaps = self.generator(x)
         return [to_image(y) for y in outputs.float().cpu()], heatmaps.float().cpu()
 
@@ -278,7 +278,7 @@ def _check_outputs(jobs: list[Job], overwrite: bool) -> None:
 
 def _check_readable(jobs: list[Job]) -> None:
     """Fully decode every input now, so a corrupt one stops the job before any output is written."""
-    with ThreadPoolExecutor(_LOAD_THREADS) as pool:
+    with ThreadPoolExecutor(LOAD_THREADS) as pool:
         # Raises the first BadImageError in input order; keeping only sizes bounds the memory used.
         list(pool.map(lambda job: load_rgb(job.source).size, jobs))
 
@@ -305,7 +305,7 @@ def translate_files(
     _check_outputs(jobs, overwrite)
     _check_readable(jobs)
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
-    with ThreadPoolExecutor(_LOAD_THREADS) as pool, tqdm(total=len(jobs), unit="img", disable=not progress) as bar:
+    with ThreadPoolExecutor(LOAD_THREADS) as pool, tqdm(total=len(jobs), unit="img", disable=not progress) as bar:
         pending = [pool.submit(load_rgb, job.source) for job in batches[0]] if batches else []
         for index, batch in enumerate(batches):
             images = [future.result() for future in pending]

@@ -1,10 +1,10 @@
-"""KID and FID on feature arrays, exactly as defined in KID_PROTOCOL.md.
+"""KID and FID on feature arrays, exactly as defined in docs/kid-protocol.md.
 
 Every function takes real and generated features as N x D arrays (numpy or torch, any float dtype), computes in
 float64 numpy, and returns raw values: KID is an MMD^2 (tables show it x 100, see `evaluate.format_table`).
 Three KID estimators are provided because published numbers use different ones: `kid_subsets` (torch-fidelity,
 the standard today), `kid_blocks` (TF-GAN's block estimator, used by the U-GAT-IT authors' metric code) and
-`mean_kid` (the authors' source/target mixture, see UGATIT_SPEC.md section 5.4).
+`mean_kid` (the authors' source/target mixture, see docs/kid-protocol.md).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, atomic_write
-from .config import Config, ConfigError
+from .config import ConfigError, ModelConfig
 from .models import DISCRIMINATORS, NETWORKS, build_networks
 
 _SN_SUFFIXES = {
@@ -79,7 +79,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def infer_config(official: dict[str, dict[str, torch.Tensor]], img_size: int | None = None) -> Config:
+def infer_config(official: dict[str, dict[str, torch.Tensor]], img_size: int | None = None) -> ModelConfig:
     """The architecture of an official checkpoint, from its tensor shapes.
 
     A full-mode MLP's input width fixes the image size; a light model needs `img_size` (default 256, the
@@ -107,7 +107,7 @@ def infer_config(official: dict[str, dict[str, torch.Tensor]], img_size: int | N
         return len([k for k in official[name] if re.fullmatch(r"model\.\d+\.weight_orig", k)]) + 1
 
     try:
-        return Config(
+        return ModelConfig(
             img_size=img_size or 256,
             ch=ch,
             n_res=n_res,
@@ -120,7 +120,7 @@ def infer_config(official: dict[str, dict[str, torch.Tensor]], img_size: int | N
 
 
 def official_to_ours(
-    official: dict[str, dict[str, torch.Tensor]], config: Config
+    official: dict[str, dict[str, torch.Tensor]], config: ModelConfig
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Rename keys into our layout and check them, key by key and shape by shape, against `config`'s networks."""
     expected = {name: net.state_dict() for name, net in build_networks(config).items()}
@@ -151,12 +151,14 @@ def _more(keys: list[str]) -> str:
     return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
 
 
-def _describe(config: Config) -> str:
+def _describe(config: ModelConfig) -> str:
     mode = "light" if config.light else "full"
     return f"ch={config.ch}, n_res={config.n_res}, {mode}, img_size={config.img_size}"
 
 
-def ours_to_official(states: dict[str, dict[str, torch.Tensor]], config: Config) -> dict[str, dict[str, torch.Tensor]]:
+def ours_to_official(
+    states: dict[str, dict[str, torch.Tensor]], config: ModelConfig
+) -> dict[str, dict[str, torch.Tensor]]:
     """Our six state_dicts in the official layout (old spectral-norm keys, official key order), for `torch.save`."""
     with torch.device("meta"):
         order = {name: list(net.state_dict()) for name, net in build_networks(config).items()}
@@ -165,7 +167,9 @@ def ours_to_official(states: dict[str, dict[str, torch.Tensor]], config: Config)
     }
 
 
-def load_official(path: str | Path, img_size: int | None = None) -> tuple[Config, dict[str, dict[str, torch.Tensor]]]:
+def load_official(
+    path: str | Path, img_size: int | None = None
+) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]]]:
     """Read, check and convert an official checkpoint; errors name the file."""
     official = read_official(path)
     try:
@@ -175,6 +179,6 @@ def load_official(path: str | Path, img_size: int | None = None) -> tuple[Config
         raise CheckpointError(f"{path}: {exc}") from None
 
 
-def save_official(states: dict[str, dict[str, torch.Tensor]], config: Config, path: str | Path) -> None:
+def save_official(states: dict[str, dict[str, torch.Tensor]], config: ModelConfig, path: str | Path) -> None:
     official = ours_to_official(states, config)
     atomic_write(Path(path), lambda tmp: torch.save(official, tmp))

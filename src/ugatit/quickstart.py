@@ -16,16 +16,17 @@ from typing import Any
 
 import torch
 
-from .config import Config, preset
+from .checkpoint import list_checkpoints
+from .config import ModelConfig, RunConfig, preset, to_dict
 from .data import list_images, load_rgb
 from .inference import Translator, translate_files
-from .models import build_networks
+from .models import build_generator
 from .synthetic import evaluate_translation, load_mask, write_dataset
-from .train import list_checkpoints, train
+from .train import train
 
 MARKER = "ugatit-quickstart.json"
 N_TRAIN, N_TEST = 300, 30
-DIRECTIONS = (("A2B", "A", "B"), ("B2A", "B", "A"))
+TRANSLATIONS = (("A2B", "A", "B"), ("B2A", "B", "A"))  # (direction, source domain, target domain)
 
 
 def _check_folder(out: Path) -> None:
@@ -39,7 +40,7 @@ TestSet = dict[str, tuple[list, list]]
 def _test_set(data: Path) -> TestSet:
     """The test images and their shape masks of each direction's source domain, read once."""
     test_set = {}
-    for name, source, _ in DIRECTIONS:
+    for name, source, _ in TRANSLATIONS:
         paths = list_images(data / f"test{source}")
         masks = [load_mask(data / "masks" / f"test{source}" / p.name) for p in paths]
         test_set[name] = ([load_rgb(p) for p in paths], masks)
@@ -49,26 +50,25 @@ def _test_set(data: Path) -> TestSet:
 def _scores(translators: dict[str, Translator] | None, test_set: TestSet) -> dict[str, dict[str, float]]:
     """Target-domain rate and shape IoU of each direction on the test images (`None`: the inputs themselves)."""
     scores = {}
-    for name, source, target in DIRECTIONS:
+    for name, source, target in TRANSLATIONS:
         inputs, masks = test_set[name]
         outputs = translators[name](inputs, original_size=True) if translators else inputs
         scores[name] = evaluate_translation(inputs, outputs, source, target, masks)
     return scores
 
 
-def _untrained(config: Config) -> dict[str, Translator]:
-    torch.manual_seed(config.seed)
-    nets = build_networks(config)
-    return {name: Translator(nets[f"gen{name}"], config, name) for name, _, _ in DIRECTIONS}
+def _untrained(model: ModelConfig, seed: int) -> dict[str, Translator]:
+    torch.manual_seed(seed)
+    return {name: Translator(build_generator(model), model, name) for name, _, _ in TRANSLATIONS}
 
 
-def _report(out: Path, config: Config, scores: dict[str, dict], seconds: dict[str, float], step: int) -> Path:
+def _report(out: Path, config: ModelConfig, scores: dict[str, dict], seconds: dict[str, float], step: int) -> Path:
     columns = ("input", "untrained", "trained")
     rows = []
-    for name, _, target in DIRECTIONS:
+    for name, _, target in TRANSLATIONS:
         rows.append((f"{name}: judged domain {target}", [scores[c][name]["target_domain_rate"] for c in columns]))
         rows.append((f"{name}: shape kept (mask IoU)", [scores[c][name]["mean_iou"] for c in columns]))
-    grids = [max((out / "run" / "samples").glob(f"{name}_*.png"), default=None) for name, _, _ in DIRECTIONS]
+    grids = [max((out / "run" / "samples").glob(f"{name}_*.png"), default=None) for name, _, _ in TRANSLATIONS]
     grids = [g for g in grids if g is not None]
     intro = [
         "Domain A: warm shapes on light backgrounds. Domain B: textured cool shapes on dark backgrounds.",
@@ -103,48 +103,51 @@ def _report(out: Path, config: Config, scores: dict[str, dict], seconds: dict[st
 
 
 def quickstart(
-    out: str | Path = "quickstart_out", config: Config | None = None, progress: bool = True, echo: Callable = print
+    out: str | Path = "quickstart_out",
+    configs: tuple[ModelConfig, RunConfig] | None = None,
+    progress: bool = True,
+    echo: Callable = print,
 ) -> dict[str, Any]:
     """Run the quickstart in `out`; returns the scores (input / untrained / trained) and the timings.
 
     It runs on one CPU thread: the cpu-small model is too small to gain from a second one (a sweep measured 1 thread
-    faster on an idle 2-core machine), and OpenMP threads slow down 10-100x when other jobs share the cores.
+    faster on an idle 2-core machine), and OpenMP threads slow down badly when other jobs share the cores.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _quickstart(Path(out), config or preset("cpu-small"), progress, echo)
+        return _quickstart(Path(out), *(configs or preset("cpu-small")), progress, echo)
     finally:
         torch.set_num_threads(threads)
 
 
-def _quickstart(out: Path, config: Config, progress: bool, echo: Callable) -> dict[str, Any]:
+def _quickstart(out: Path, model: ModelConfig, run: RunConfig, progress: bool, echo: Callable) -> dict[str, Any]:
     _check_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"config": config.to_dict()}, indent=2))
+    (out / MARKER).write_text(json.dumps({"model": to_dict(model), "run": to_dict(run)}, indent=2))
     seconds: dict[str, float] = {}
     t0 = time.time()
-    data = write_dataset(out / "data", size=config.img_size, n_train=N_TRAIN, n_test=N_TEST, seed=config.seed)
+    data = write_dataset(out / "data", size=model.img_size, n_train=N_TRAIN, n_test=N_TEST, seed=run.seed)
     test_set = _test_set(data)
-    scores = {"input": _scores(None, test_set), "untrained": _scores(_untrained(config), test_set)}
-    echo(f"dataset ready in {out / 'data'}; training {config.iterations} steps")
+    scores = {"input": _scores(None, test_set), "untrained": _scores(_untrained(model, run.seed), test_set)}
+    echo(f"dataset ready in {out / 'data'}; training {run.iterations} steps")
 
     t1 = time.time()
-    train(config, data, out / "run", progress=progress, echo=echo)
+    train(model, run, data, out / "run", progress=progress, echo=echo)
     seconds["train"] = time.time() - t1
     step, checkpoint = list_checkpoints(out / "run")[-1]
-    translators = {name: Translator.from_checkpoint(checkpoint, name) for name, _, _ in DIRECTIONS}
+    translators = {name: Translator.from_checkpoint(checkpoint, name) for name, _, _ in TRANSLATIONS}
     scores["trained"] = _scores(translators, test_set)
-    for name, source, _ in DIRECTIONS:
+    for name, source, _ in TRANSLATIONS:
         translate_files(
             translators[name], [str(data / f"test{source}")], out / "translated" / name,
             heatmap=True, overwrite=True, progress=False,
         )  # fmt: skip
     seconds["total"] = time.time() - t0
-    report = _report(out, config, scores, seconds, step)
+    report = _report(out, model, scores, seconds, step)
     result = {"scores": scores, "seconds": seconds, "report": str(report)}
     (out / "scores.json").write_text(json.dumps(result, indent=2))
-    for name, _, target in DIRECTIONS:
+    for name, _, target in TRANSLATIONS:
         before, after = scores["untrained"][name], scores["trained"][name]
         echo(
             f"{name}: judged domain {target} {scores['input'][name]['target_domain_rate']:.0%} as input, "

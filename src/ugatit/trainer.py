@@ -1,42 +1,44 @@
 """One U-GAT-IT training iteration: the six networks, their two Adam optimizers, and the update rule.
 
-`Trainer.train_step` is the official update (UGATIT_SPEC.md section 2) with two savings that leave every number
-unchanged: the two translations of the real batches are computed once and shared by the discriminator update
-(detached) and the generator update (6 generator passes per step instead of 8, and no backward through the
-generators in the D update), and the discriminators' weight gradients are not computed in the G update. The
-discriminator update runs per domain (backward, then Adam on that domain's two discriminators), which halves the
-gradient memory at its peak and changes no number either; the one change in behaviour is that a non-finite
-gradient in one domain skips only that domain's update.
+`Trainer.train_step` is the official update (docs/spec.md section 2) with savings that leave every number unchanged:
+the two translations of the real batches are computed once and shared by the discriminator update (detached) and
+the generator update (6 generator passes per step instead of 8, and no backward through the generators in the D
+update), and the discriminators' weight gradients are not computed in the G update. The discriminator update runs
+per domain (backward, then Adam on that domain's two discriminators), which halves the gradient memory at its peak
+and changes no number either; the one change in behaviour is that a non-finite gradient in one domain skips only
+that domain's update.
+
+With `precision="fast"` the trainer swaps `ugatit.fast` into its networks, computes in the fast dtype, uses fused
+Adam, and runs paired passes as one (`fast.stacked`); with "exact" it keeps the official fp32 computation.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import Config, ConfigError
-from .losses import discriminator_losses, generator_losses
+from . import fast
+from .config import ConfigError, ModelConfig, RunConfig
+from .losses import JUDGES, Outputs, discriminator_losses, generator_losses
 from .models import DISCRIMINATORS, GENERATORS, build_networks
 from .norms import clip_rho
-from .precision import autocast, compute_dtype, fast_memory_format
+from .tuning import release_free_heap
 
 
-def learning_rate(config: Config, step: int) -> float:
+def learning_rate(run: RunConfig, step: int) -> float:
     """Learning rate of the 1-based step `step`: constant, then linear decay to 0 over the second half.
 
     The official loop subtracts lr / (iterations // 2) at the start of every step past the half-way point; this is
     the same value as a function of the step, so it is right after a resume too.
     """
-    half = config.iterations // 2
-    if not config.decay or half == 0 or step <= half:
-        return config.lr
-    return max(0.0, config.lr * (1.0 - (step - half) / half))
+    half = run.iterations // 2
+    if not run.decay or half == 0 or step <= half:
+        return run.lr
+    return max(0.0, run.lr * (1.0 - (step - half) / half))
 
 
 def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
@@ -44,36 +46,11 @@ def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
     return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
 
 
-def _adam(params: Iterator[nn.Parameter], config: Config) -> torch.optim.Adam:
+def _adam(params: Iterator[nn.Parameter], run: RunConfig) -> torch.optim.Adam:
     # The exact path keeps PyTorch's default implementation, whose rounding the parity fixture was made with;
     # the fast path uses the fused kernel (one pass over all parameters, same update up to the last bits).
-    fused = {"fused": True} if config.fast else {}
-    return torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, **fused)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, where the C library has one (not musl, macOS or Windows)."""
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
-
-
-def release_free_heap() -> bool:
-    """Hand the pages of the C heap's free blocks back to the OS; False where the C library cannot.
-
-    CPU activations under 32 MiB come from glibc's heap, which keeps freed blocks resident for reuse, and the free
-    blocks are scattered, so the heap never shrinks on its own and grows step after step: without a release, the
-    peak RSS of a 128 px light fast step crept from 2.39 GiB after one step to 2.79 GiB after twelve on a 2-core
-    AVX2 EPYC, and stayed at 2.50-2.54 GiB with one release per step. The pages released are faulted back in when
-    the heap reuses them, which is the cost: about 4 % of a 128 px step and 15 % of a 256 px one there.
-    """
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
+    fused = {"fused": True} if run.fast else {}
+    return torch.optim.Adam(params, lr=run.lr, betas=run.betas, weight_decay=run.weight_decay, **fused)
 
 
 def _check_compiler(device: torch.device) -> None:
@@ -94,6 +71,26 @@ def _check_compiler(device: torch.device) -> None:
         ) from None
 
 
+def prepare(
+    nets: dict[str, nn.Module], run: RunConfig, device: torch.device
+) -> tuple[torch.dtype, torch.memory_format]:
+    """Put built networks on `device` for training as `run` says, in place: the fast kernels or the lean pads,
+    checkpointing, layout. Returns the compute dtype and the activations' memory format."""
+    dtype = fast.resolve_dtype(run.fast_dtype, device) if run.fast else torch.float32
+    layout = fast.memory_format(device, dtype) if run.fast else torch.contiguous_format
+    for name, net in nets.items():
+        if run.fast:
+            fast.apply(net)
+        else:
+            fast.lean(net)
+        if run.grad_checkpoint and name in GENERATORS:
+            fast.checkpoint(net)
+        # The discriminators' weights stay contiguous: their big layers run as matrix products, and fused Adam
+        # would copy a channels_last tensor at every step.
+        net.to(device, memory_format=layout if name in GENERATORS else torch.contiguous_format).train()
+    return dtype, layout
+
+
 class Trainer:
     """Owns the networks (keyed by their official names) and the optimizers; `step` counts completed steps and
     `skipped` the updates left out because their gradients were not finite (the discriminators of each domain
@@ -101,30 +98,21 @@ class Trainer:
 
     def __init__(
         self,
-        config: Config,
+        model: ModelConfig,
+        run: RunConfig,
         device: str | torch.device = "cpu",
         nets: dict[str, nn.Module] | None = None,
         distributed: bool = False,
     ):
-        self.config = config
+        self.model, self.run = model, run
         self.device = torch.device(device)
-        # The fast path's layout for activations and generator weights (`precision.fast_memory_format`). The
-        # discriminators' weights stay contiguous: their big layers run as matrix products (models._fast_conv), and
-        # fused Adam would copy a channels_last tensor at every step.
-        self.dtype = compute_dtype(config, self.device)
-        fast_format = fast_memory_format(self.device, self.dtype)
-        self.memory_format = fast_format if config.fast else torch.contiguous_format
-        self.nets = {
-            name: net.to(
-                self.device, memory_format=self.memory_format if name in GENERATORS else torch.contiguous_format
-            ).train()
-            for name, net in (nets or build_networks(config)).items()
-        }
-        self.opt_G = _adam(itertools.chain(*(self.nets[n].parameters() for n in GENERATORS)), config)
-        self.opt_D = _adam(itertools.chain(*(self.nets[n].parameters() for n in DISCRIMINATORS)), config)
+        self.nets = nets or build_networks(model)
+        self.dtype, self.memory_format = prepare(self.nets, run, self.device)
+        self.opt_G = _adam(itertools.chain(*(self.nets[n].parameters() for n in GENERATORS)), run)
+        self.opt_D = _adam(itertools.chain(*(self.nets[n].parameters() for n in DISCRIMINATORS)), run)
         self.step = 0
         self.skipped = {"D": 0, "G": 0}
-        if config.compile:
+        if run.compile:
             _check_compiler(self.device)
             for net in self.nets.values():
                 net.compile()
@@ -137,62 +125,31 @@ class Trainer:
         )
 
     def autocast(self) -> torch.autocast:
-        """Autocast to the run's compute dtype (`precision.compute_dtype`); a no-op in fp32. Losses, normalisation
-        statistics and spectral norms stay in fp32."""
-        return autocast(self.device, self.dtype)
-
-    def _set_discriminators_trainable(self, trainable: bool) -> None:
-        for name in DISCRIMINATORS:
-            self.nets[name].requires_grad_(trainable)
+        """Autocast to the run's compute dtype (a no-op in fp32); losses, norm statistics, spectral norms stay fp32."""
+        return fast.autocast(self.device, self.dtype)
 
     def train_step(self, real_A: torch.Tensor, real_B: torch.Tensor) -> dict[str, float]:
         """One D update then one G update on a pair of batches; returns every loss term as a float."""
-        config, nets = self.config, self.nets
-        lr = learning_rate(config, self.step + 1)
+        lr = learning_rate(self.run, self.step + 1)
         for optimizer in (self.opt_G, self.opt_D):
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        real_A = real_A.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        real_B = real_B.to(self.device, non_blocking=True, memory_format=self.memory_format)
-
-        # Under DDP: the two shared translations run on the bare generators (a D update must not arm the
-        # generators' gradient reduction), the D update on the wrapped discriminators, and the G update on the
-        # wrapped generators with bare discriminators (no discriminator all-reduce in the G update).
-        d_nets = {**nets, **{name: self.wrapped[name] for name in DISCRIMINATORS}}
-        g_nets = {**nets, **{name: self.wrapped[name] for name in GENERATORS}}
+        real = {
+            domain: batch.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            for domain, batch in (("A", real_A), ("B", real_B))
+        }
+        # The two translations, shared by both updates. Under DDP they run on the bare generators: a D update must
+        # not arm the generators' gradient reduction.
         with self.autocast():
-            fake_A2B, cam_A2B, _ = nets["genA2B"](real_A)
-            fake_B2A, cam_B2A, _ = nets["genB2A"](real_B)
-        if self.device.type == "cpu":
+            fake_A2B, cam_A2B, _ = self.nets["genA2B"](real["A"])
+            fake_B2A, cam_B2A, _ = self.nets["genB2A"](real["B"])
+        fake = {"A": fake_B2A, "B": fake_A2B}  # keyed by the domain translated into
+        if self.device.type == "cpu" and self.run.release_heap:
             # Once per step, where the last G update's activations are all dead and the translations have reused
-            # what they could of them (`release_free_heap`). Releases after the D and the G updates as well saved
-            # 0-0.02 GiB more at 128 px and 0.13-0.18 GiB at 256 px, and cost 5 % more of a 128 px step.
+            # what they could of them (docs/performance.md, "The C heap").
             release_free_heap()
-        with self.autocast():
-            d_terms = discriminator_losses(
-                d_nets, real_A, real_B, fake_A2B.detach(), fake_B2A.detach(), config, batched=config.fast
-            )
-        # Each domain's loss reaches only its own two discriminators, so backward and update run per domain: the
-        # same gradients and the same per-parameter Adam updates (Adam passes over parameters without a gradient),
-        # with half the discriminator gradients alive at once. Domain A's graph is gone before B's backward.
-        d_ok = True
-        for domain in "AB":
-            d_terms[f"D_loss_{domain}"].backward()
-            d_ok &= self._apply(self.opt_D, "D")
-
-        self._set_discriminators_trainable(False)
-        try:
-            with self.autocast():
-                g_terms = generator_losses(
-                    g_nets, real_A, real_B, fake_A2B, fake_B2A, cam_A2B, cam_B2A, config, batched=config.fast
-                )
-            g_terms["g_loss"].backward()
-        finally:
-            self._set_discriminators_trainable(True)
-        g_ok = self._apply(self.opt_G, "G")
-        for name in GENERATORS:
-            clip_rho(nets[name])
-
+        d_terms, d_ok = self._update_discriminators(real, {d: f.detach() for d, f in fake.items()})
+        g_terms, g_ok = self._update_generators(real, fake, {"A": cam_B2A, "B": cam_A2B})
         self.step += 1
         terms = {name: value.detach() for name, value in {**d_terms, **g_terms}.items()}
         values = torch.stack(list(terms.values())).double().tolist()
@@ -202,6 +159,70 @@ class Trainer:
             "skipped_D": float(not d_ok),
             "skipped_G": float(not g_ok),
         }
+
+    def _update_discriminators(
+        self, real: dict[str, torch.Tensor], fake: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], bool]:
+        """The D update, run on the DDP-wrapped discriminators. Each domain's loss reaches only its own two
+        discriminators, so backward and update run per domain: the same gradients and the same per-parameter Adam
+        updates, with half the discriminator gradients alive at once."""
+        nets = {name: self.wrapped[f"dis{name}"] for name, _ in JUDGES}
+        with self.autocast():
+            real_scores, fake_scores = self._judge(nets, real, fake)
+            terms = discriminator_losses(real_scores, fake_scores, self.run)
+        ok = True
+        for domain in "AB":
+            terms[f"D_loss_{domain}"].backward()
+            ok &= self._apply(self.opt_D, "D")
+        return terms, ok
+
+    def _judge(
+        self, nets: dict[str, nn.Module], real: dict[str, torch.Tensor], fake: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, Outputs], dict[str, Outputs]]:
+        """Every discriminator's scores of its domain's real batch and of the translations into it: real first,
+        then fake, as the official code calls them (each training-mode call advances a power iteration)."""
+        if self.run.fast and all(real[d].shape[0] == fake[d].shape[0] for d in "AB"):
+            # A bf16 fake means autocast is on: the first convolution rounds the real batch to bf16 anyway.
+            both = {name: fast.stacked(nets[name], real[d].to(fake[d].dtype), fake[d]) for name, d in JUDGES}
+            return {name: pair[0] for name, pair in both.items()}, {name: pair[1] for name, pair in both.items()}
+        real_scores = {name: nets[name](real[domain]) for name, domain in JUDGES}
+        return real_scores, {name: nets[name](fake[domain]) for name, domain in JUDGES}
+
+    def _update_generators(
+        self, real: dict[str, torch.Tensor], fake: dict[str, torch.Tensor], source_cams: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], bool]:
+        """The G update, on the DDP-wrapped generators with bare discriminators (no discriminator all-reduce), whose
+        weight gradients are not computed."""
+        gens = {"A": self.wrapped["genB2A"], "B": self.wrapped["genA2B"]}  # keyed by the domain translated into
+        for name in DISCRIMINATORS:
+            self.nets[name].requires_grad_(False)
+        try:
+            with self.autocast():
+                cycled, identity, target_cams = self._cycle_and_identity(gens, real, fake)
+                fake_scores = {name: self.nets[f"dis{name}"](fake[domain]) for name, domain in JUDGES}
+                terms = generator_losses(fake_scores, real, cycled, identity, source_cams, target_cams, self.run)
+            terms["g_loss"].backward()
+        finally:
+            for name in DISCRIMINATORS:
+                self.nets[name].requires_grad_(True)
+        ok = self._apply(self.opt_G, "G")
+        for name in GENERATORS:
+            clip_rho(self.nets[name])
+        return terms, ok
+
+    def _cycle_and_identity(
+        self, gens: dict[str, nn.Module], real: dict[str, torch.Tensor], fake: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Keyed by domain X: real[X] translated out and back, real[X] through the generator into X, and that
+        generator's CAM logits on it. The fast path runs each generator's two passes as one batch (every layer
+        works per sample: the same function, with fewer, larger convolutions)."""
+        other = {"A": "B", "B": "A"}
+        if self.run.fast:
+            out = {d: fast.stacked(gens[d], fake[other[d]], real[d]) for d in "AB"}
+            return {d: out[d][0][0] for d in "AB"}, {d: out[d][1][0] for d in "AB"}, {d: out[d][1][1] for d in "AB"}
+        cycled = {d: gens[d](fake[other[d]])[0] for d in "AB"}
+        identity = {d: gens[d](real[d]) for d in "AB"}
+        return cycled, {d: out[0] for d, out in identity.items()}, {d: out[1] for d, out in identity.items()}
 
     def _apply(self, optimizer: torch.optim.Optimizer, name: str) -> bool:
         """Take the optimizer step unless a gradient is inf or NaN, which Adam would turn into NaN weights for good.
@@ -215,6 +236,6 @@ class Trainer:
             optimizer.step()
         else:
             self.skipped[name] += 1
-        # Freed now rather than at the next update: the discriminators' gradients alone are 0.45 GB at ch 64.
+        # Freed now rather than at the next update: the discriminators' gradients alone are large at ch 64.
         optimizer.zero_grad(set_to_none=True)
         return applied

@@ -1,8 +1,8 @@
-"""Fast instance/layer normalisation: ILN/AdaILN and InstanceNorm as single autograd nodes with analytic backward.
+"""Fused instance/layer normalisation: ILN/AdaILN and InstanceNorm as single autograd nodes with analytic backward.
 
-`instance_layer_norm_fused(x, rho, gamma, beta, eps)` computes what `norms.instance_layer_norm` computes (unbiased
-variances, eps 1e-5, rho mixing the instance and layer statistics, per-sample or per-channel gamma/beta), as one
-`torch.autograd.Function`:
+`instance_layer_norm_fused(x, rho, gamma, beta, eps)` computes what `ugatit.norms.instance_layer_norm` computes
+(unbiased variances, eps 1e-5, rho mixing the instance and layer statistics, per-sample or per-channel gamma/beta),
+as one `torch.autograd.Function`:
 
 * forward: one pass over x for the per-(b,c) mean and variance; the layer statistics of each sample are combined
   from the per-channel ones (parallel-variance formula, no second pass over x); the output is a per-(b,c) affine
@@ -12,69 +12,17 @@ variances, eps 1e-5, rho mixing the instance and layer statistics, per-sample or
   coefficients, in two element-wise passes. Only x (and (B, C) statistics) is saved for the backward.
 
 The passes run on ATen's vectorised normalisation kernels, used as building blocks: `native_group_norm` with one
-group per channel for the statistics of NCHW fp32 inputs (it also returns the normalised planes, which the affine
-map then overwrites in place), `batch_norm_update_stats` on (1, B*C, H, W) views or per sample (channels_last,
-bf16), the weight/bias half of `native_batch_norm_backward` for the backward sums, and the inference-mode batch-norm
-kernel as the per-channel multiply-add. The generic paths are far slower on CPU: `torch.var_mean` is a scalar
-Welford loop (~50x slower than a sum), broadcast element-wise ops with two per-channel operands do not vectorise,
-and the fp32 NCHW statistics of batch norm are a scalar loop. bf16/fp16 inputs: every statistic and per-(b,c)
-coefficient is computed and kept in fp32; the big tensors stay in the input dtype (the kernels compute in fp32 and
-round on store), so the output has the input's dtype (the exact formula under autocast returns fp32).
+group per channel for the statistics of NCHW fp32 inputs, `batch_norm_update_stats` on (1, B*C, H, W) views or per
+sample (channels_last, bf16), the weight/bias half of `native_batch_norm_backward` for the backward sums, and the
+inference-mode batch-norm kernel as the per-channel multiply-add. The generic formulations are far slower on CPU
+(`torch.var_mean` is a scalar Welford loop, broadcast element-wise ops with two per-channel operands do not
+vectorise). bf16/fp16 inputs: every statistic and per-(b,c) coefficient is computed and kept in fp32; the big
+tensors stay in the input dtype, so the output has the input's dtype.
 
 `instance_norm_fused(x, eps)` replaces `F.instance_norm(x)` (biased variance, no affine: the encoder's
-`nn.InstanceNorm2d`): group norm forward and layer-norm backward kernels for NCHW fp32, the same building blocks
-as above for channels_last (`F.instance_norm` copies channels_last inputs to NCHW and returns NCHW); NCHW bf16 goes
-to `F.instance_norm`, whose reduced-precision batch-norm kernels are already vectorised (fused is no faster there).
-
-Measured with benchmarks/norms.py (torch 2.13 CPU, AVX-512/AMX 2-core machine shared with other jobs; 1 thread and
-process CPU time, because wall-clock times with 2 threads were dominated by the other jobs there; medians of 15;
-batch 1; ms, each cell `exact fused compiled`, compiled = `torch.compile` of the exact formula / of F.instance_norm;
-bf16 = bf16 input under autocast):
-
-    forward + backward  fp32 NCHW          fp32 NHWC          bf16 NCHW          bf16 NHWC
-    AdaILN 256x32x32    8.8  1.35  1.34 |   9.7  1.45  1.63 |  12.2  1.45  1.67 |  17.0  1.85  2.35
-    AdaILN 256x64x64   41.2  5.18  5.17 |  38.2  4.02  5.05 |  38.6  3.19  5.05 |  50.1  3.74  6.14
-    ILN 128x64x64      26.9  3.80  3.21 |  32.5  3.69  4.88 |  23.0  1.85  3.29 |  32.9  2.65  4.26
-    ILN 128x128x128   119.0  9.45 13.40 | 146.5 14.44 17.53 | 115.3  7.34 11.87 | 122.8  6.40 12.70
-    ILN 64x128x128     39.5  4.10  5.23 |  39.0  4.17  5.30 |  42.1  3.68  5.80 |  45.6  3.65  5.81
-    ILN 64x256x256    252.7 23.01 22.49 | 213.5 17.25 21.06 | 246.9 16.70 24.53 | 189.1 10.38 21.65
-    IN 64x128x128       3.0  1.87  2.41 |  15.5  4.38 12.29 |   1.3  1.37  1.60 |   5.2  2.67  6.11
-    IN 64x256x256      12.5  7.61  9.60 |  46.2 12.84 46.29 |   4.8  4.94  4.90 |  30.3  8.95 33.37
-    IN 256x32x32        0.7  0.47  0.61 |   1.7  1.14  1.72 |   0.5  0.44  0.53 |   1.2  1.00  1.40
-    IN 256x64x64        3.0  1.81  2.13 |   9.7  2.91  9.45 |   1.4  1.37  1.38 |   5.9  2.39  6.43
-    forward (no_grad)
-    AdaILN 256x32x32    4.9  0.60  0.75 |   3.2  0.60  0.68 |   5.0  0.57  0.48 |   6.2  0.66  0.63
-    AdaILN 256x64x64   28.6  2.75  3.52 |  14.0  1.37  2.45 |  21.5  1.17  1.75 |  22.1  1.38  2.29
-    ILN 128x128x128    53.5  5.46  6.31 |  42.8  4.41  5.55 |  51.3  2.94  3.53 |  45.9  2.69  4.16
-    ILN 64x256x256     94.0  6.49 13.00 |  96.0  9.79 17.20 | 115.6  6.26  6.33 | 120.7  4.48  7.79
-
-So ILN/AdaILN: 6.5-19x faster than the exact formula in training, 5-27x in inference; the fused InstanceNorm is
-1.6x faster than F.instance_norm in training for NCHW fp32 (2.7-3.7x forward only), 1.2-3.6x for channels_last,
-and delegates NCHW bf16 to it.
-
-`torch.compile` (inductor, C++/OpenMP code generation) works on this CPU build and fuses the ILN formula too, but
-it is no faster than the fused path overall (training: within noise in three fp32 NCHW cases, 15% faster in one,
-up to 2x slower in the others; forward only: faster in two small bf16 cases), does not speed up the InstanceNorm
-backward, needs a C++ compiler at run time, compiles each new shape / dtype / grad-mode / autocast
-combination (seconds each once cached, ~15-45 s cold here), and silently falls back to eager after 8 recompiles of
-one function (dynamo's recompile limit: the norm is called at several shapes per network). The fused path is the
-default.
-
-Also found: on this CPU build `F.instance_norm` / `nn.InstanceNorm2d` return a wrong input gradient for a batch-1
-channels_last input with a channels_last upstream gradient (forward is right; batch > 1 is right);
-`instance_norm_fused` is right there (tests/test_fused.py compares against NCHW copies).
-
-Numerics (tests/test_fused.py): in fp32 the output and the gradients of x, gamma and beta match the exact path to
-within 1e-5 of each tensor's largest value (measured worst case 2e-6 over 120 random cases); the gradient of rho, a
-sum of cancelling terms g * gamma * (IN(x) - LN(x)), to 1e-5 of the sum of those terms' magnitudes (the exact fp32
-path itself is only that close to a float64 evaluation). The folded per-channel maps (a * x + b) carry about
-|mean| / sqrt(var + eps) ulps of rounding, like any one-pass normalisation: invisible for conv outputs, but a
-channel with |mean| / std ~ 3e3 and var << eps moves by ~1e-4 of the tensor's range (the exact path too, by its
-own rounding of the mean), and a constant channel of mean ~1 in a channels_last input by ~2e-5. Constant and
-near-constant channels give finite outputs and gradients. bf16: the output and grad x are within 1e-2 of the fp32
-exact result for the same input (measured 2-4e-3: a few bf16 roundings; grad x uses bf16-rounded per-channel
-scales), the parameter gradients within 1e-5 (measured < 1e-6), all closer than the exact formula run under
-autocast (bf16 statistics: 3-7e-3 on every tensor). Double backward is not
+`nn.InstanceNorm2d`) with the same building blocks; it is also right where PyTorch's CPU instance_norm returns a
+wrong input gradient (channels_last at batch 1). Speed against the exact formula and `torch.compile`, and the
+numerical error against the exact path: docs/performance.md, "Fused normalisations". Double backward is not
 supported (the official training never differentiates through a gradient).
 """
 
@@ -84,9 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import norms  # the exact formula, the fallback for shapes the kernels do not cover
-
-EPS = 1e-5  # as norms.EPS (not imported by name: norms imports this module)
+from ..norms import EPS, instance_layer_norm  # the exact formula, the fallback for shapes the kernels do not cover
+from .precision import autocast_off
 
 __all__ = [
     "instance_layer_norm_fused",
@@ -128,11 +75,11 @@ def _per_plane(t: torch.Tensor, layout: str) -> list[torch.Tensor]:
 
 # Other devices get a device-generic formulation (plain reductions and broadcast ops, statistics in fp32); the CPU
 # path below builds on ATen's vectorised CPU normalisation kernels. Tests set this to run the generic path on CPU.
-_GENERIC_ON_CPU = False
+GENERIC_ON_CPU = False
 
 
 def _generic(x: torch.Tensor) -> bool:
-    return _GENERIC_ON_CPU or x.device.type != "cpu"
+    return GENERIC_ON_CPU or x.device.type != "cpu"
 
 
 def _stats(x: torch.Tensor, layout: str, eps: float):
@@ -304,7 +251,7 @@ def _param_ok(t, b: int, c: int, rows=(1,)) -> bool:
 def instance_layer_norm_fused(
     x: torch.Tensor, rho: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = EPS
 ) -> torch.Tensor:
-    """`norms.instance_layer_norm` as one autograd node: rho * IN(x) + (1 - rho) * LN(x), times gamma plus beta.
+    """`ugatit.norms.instance_layer_norm` as one autograd node: rho * IN(x) + (1 - rho) * LN(x), times gamma plus beta.
 
     x: (B, C, H, W), NCHW or channels_last, fp32/fp64/bf16/fp16 (the output keeps x's layout and dtype); rho:
     (1, C, 1, 1); gamma, beta: (B, C, 1, 1) (AdaILN) or (1, C, 1, 1) (ILN). Any other shapes, and planes of one
@@ -318,8 +265,8 @@ def instance_layer_norm_fused(
         and _param_ok(gamma, x.shape[0], x.shape[1], rows=(x.shape[0],))
         and _param_ok(beta, x.shape[0], x.shape[1], rows=(x.shape[0],))
     ):
-        return norms.instance_layer_norm(x, rho, gamma, beta, eps)
-    with norms.autocast_off(x):
+        return instance_layer_norm(x, rho, gamma, beta, eps)
+    with autocast_off(x):
         return _InstanceLayerNorm.apply(x, rho, gamma, beta, eps)
 
 
@@ -364,5 +311,5 @@ def instance_norm_fused(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
         return F.instance_norm(x, eps=eps)
     if x.dtype in _REDUCED and x.is_contiguous():
         return F.instance_norm(x, eps=eps)
-    with norms.autocast_off(x):
+    with autocast_off(x):
         return _InstanceNorm.apply(x, eps)

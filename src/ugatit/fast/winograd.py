@@ -27,11 +27,9 @@ _AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 
 TILE = 4  # outputs per tile side; input tiles are TILE + 2 wide and overlap by 2
 
 
-# Where F(4x4, 3x3) paid on a 2-core AVX2 AMD EPYC (forward + backward against oneDNN's direct fp32 kernels, NCHW):
-# 256 -> 256 channels at 32 x 32, batch 2 (128 tiles): 1.36-1.45x; at 64 x 64: 1.6x; 256 -> 128 at 64 and 128 px:
-# 1.2-1.3x. It did not pay with fewer tiles (batch 1 at 32 x 32: 0.6-1.05x over repeated runs) nor with few channels
-# (128 -> 64 at 128 px: 0.8x), where the transforms, which cost in proportion to C_in + C_out, outweigh the products
-# saved, in proportion to C_in * C_out.
+# Where F(4x4, 3x3) paid against oneDNN's direct fp32 kernels (docs/performance.md, "Winograd"): from 128 tiles and
+# with enough channels. With fewer tiles, or few channels, the transforms, which cost in proportion to C_in + C_out,
+# outweigh the products saved, in proportion to C_in * C_out.
 MIN_TILES = 128
 MIN_CHANNELS = 64  # C_in * C_out / (C_in + C_out): 128 for 256 -> 256, 85 for 256 -> 128, 43 for 128 -> 64
 
@@ -39,8 +37,8 @@ MIN_CHANNELS = 64  # C_in * C_out / (C_in + C_out): 128 for 256 -> 256, 85 for 2
 @functools.cache
 def _transforms(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The input, filter and output transforms as Kronecker products of the 1-D ones (36 x 36, 36 x 9, 16 x 36),
-    rounded to `dtype` once from float64. The filters go through one 36 x 9 product: on a 2-core AVX2 EPYC it took
-    1.5-2.1 ms for a 256 x 256 layer against 2.3-3.0 ms for the two 1-D passes with a transposed copy between."""
+    rounded to `dtype` once from float64. The filters go through one 36 x 9 product, which was faster than two 1-D
+    passes with a transposed copy between."""
 
     def kron(m: tuple) -> torch.Tensor:
         one = torch.tensor(m, dtype=torch.float64)

@@ -1,0 +1,190 @@
+"""The fast path: faster kernels swapped into built networks in place, the way diffusers swaps attention processors.
+
+`apply(net)` takes a network of `ugatit.models` and replaces, module by module, how it computes, never what: the
+parameters, buffers and state_dict keys stay those of the official networks, so a checkpoint loads the same into
+either path and `remove(net)` (or `with exact(net):`) brings the exact computation back without a rebuild.
+
+What `apply` swaps in:
+* instance norms, ILN and AdaILN: fused one-pass kernels with an analytic backward (`fast/norms.py`);
+* every reflection pad: one that keeps its input's dtype under autocast and only its shape for the backward;
+* the generators' pad + convolution (with the nearest upsampling before it): one node that keeps only its input,
+  by Winograd in fp32 on CPUs where that pays (`convolution.py`, `winograd.py`);
+* the discriminators' convolutions and CAM classifiers: spectral norm applied to the output, small outputs as a
+  fused matrix product with the power iteration, and stacked calls (`spectral.py`, `stacked`).
+
+`lean(net)` swaps in the pads alone: the same numbers to the last bit, less memory, for the exact path.
+`checkpoint(generator)` recomputes block insides in the backward instead of storing them (either path).
+The compute dtype and memory layout that go with the fast path are in `fast/precision.py`; the trainer and the
+translator apply all of this, and nothing else needs to know it exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint as _recompute
+
+from ..norms import ILN, AdaILN
+from .convolution import lean_pad, pad_conv
+from .norms import instance_layer_norm_fused, instance_norm_fused
+from .precision import autocast, memory_format, native_bf16, resolve_dtype
+from .spectral import is_spectral, spectral_conv, spectral_linear, stacked_calls
+
+__all__ = [
+    "apply", "autocast", "checkpoint", "exact", "is_fast", "lean", "memory_format", "native_bf16", "remove",
+    "resolve_dtype", "stacked",
+]  # fmt: skip
+
+
+def _swap(module: nn.Module, forward: Callable) -> None:
+    """Compute `module(...)` as `forward(module, ...)`; the module keeps its parameters and class."""
+    module.forward = functools.partial(forward, module)
+
+
+def _swapped(module: nn.Module) -> bool:
+    return "forward" in module.__dict__
+
+
+def _adailn(norm: AdaILN, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    return instance_layer_norm_fused(x, norm.rho, gamma[:, :, None, None], beta[:, :, None, None], norm.eps)
+
+
+def _iln(norm: ILN, x: torch.Tensor) -> torch.Tensor:
+    return instance_layer_norm_fused(x, norm.rho, norm.gamma, norm.beta, norm.eps)
+
+
+def _instance_norm(norm: nn.InstanceNorm2d, x: torch.Tensor) -> torch.Tensor:
+    return instance_norm_fused(x, norm.eps)
+
+
+def _passthrough(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An upsampling or pad taken into the convolution after it (`pad_conv`)."""
+    return x
+
+
+def _pad_conv_runs(net: nn.Module) -> Iterator[tuple[nn.Upsample | None, nn.ReflectionPad2d, nn.Conv2d]]:
+    """(upsample or None, pad, conv) for every pad directly followed by a bias-free convolution among a module's
+    children, in registration order, which is call order in the generator (its Sequentials and AdaILN blocks)."""
+    for parent in net.modules():
+        children = list(parent.children())
+        for i, (pad, conv) in enumerate(zip(children, children[1:], strict=False)):
+            if isinstance(pad, nn.ReflectionPad2d) and isinstance(conv, nn.Conv2d) and conv.bias is None:
+                before = children[i - 1] if i > 0 else None
+                upsample = before if isinstance(before, nn.Upsample) and before.mode == "nearest" else None
+                yield upsample, pad, conv
+
+
+def lean(net: nn.Module) -> nn.Module:
+    """Swap in reflection pads that keep only their input's shape (and dtype): the same numbers, less memory."""
+    for module in net.modules():
+        if isinstance(module, nn.ReflectionPad2d) and not _swapped(module):
+            _swap(module, lean_pad)
+    return net
+
+
+def apply(net: nn.Module) -> nn.Module:
+    """Swap every fast kernel into `net` (a generator or a discriminator of `ugatit.models`), in place."""
+    remove(net)
+    discriminator = _is_discriminator(net)
+    if not discriminator:
+        for upsample, pad, conv in _pad_conv_runs(net):
+            for absorbed in (upsample, pad):
+                if absorbed is not None:
+                    _swap(absorbed, _passthrough)
+            _swap(conv, functools.partial(_pad_conv, pad=pad, upsample=upsample))
+    for module in net.modules():
+        if isinstance(module, AdaILN):
+            _swap(module, _adailn)
+        elif isinstance(module, ILN):
+            _swap(module, _iln)
+        elif isinstance(module, nn.InstanceNorm2d):
+            _swap(module, _instance_norm)
+        elif discriminator and isinstance(module, nn.Conv2d):
+            _swap(module, spectral_conv)
+        elif discriminator and isinstance(module, nn.Linear):
+            _swap(module, spectral_linear)
+    return lean(net)
+
+
+def _pad_conv(conv: nn.Conv2d, x: torch.Tensor, pad: nn.ReflectionPad2d, upsample: nn.Upsample | None):
+    return pad_conv(conv, pad, upsample, x)
+
+
+def _is_discriminator(net: nn.Module) -> bool:
+    return any(is_spectral(module) for module in net.modules())
+
+
+def is_fast(net: nn.Module) -> bool:
+    """Whether any fast kernel is swapped into `net` (the lean pads alone do not count)."""
+    return any(_swapped(m) and not isinstance(m, nn.ReflectionPad2d) for m in net.modules())
+
+
+def remove(net: nn.Module) -> nn.Module:
+    """Undo `apply`, `lean` and `checkpoint`: every module computes as its class says again."""
+    for module in net.modules():
+        if _swapped(module):
+            del module.forward
+    return net
+
+
+@contextlib.contextmanager
+def exact(net: nn.Module) -> Iterator[nn.Module]:
+    """`net` computing exactly inside the block (for ONNX export: the fused kernels have no ONNX form), as it was
+    after it."""
+    saved = {module: module.__dict__["forward"] for module in net.modules() if _swapped(module)}
+    remove(net)
+    try:
+        yield net
+    finally:
+        for module, forward in saved.items():
+            module.forward = forward
+
+
+def _segments(sequence: nn.Sequential, cuts: list[int]) -> list[nn.Module]:
+    bounds = [0, *cuts, len(sequence)]
+    return [sequence[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+def _run_recomputed(segments: list[nn.Module], forward: Callable, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return forward(x)
+    for segment in segments:  # segments never start with an in-place op, which would change their stored input
+        x = _recompute(segment, x, use_reentrant=False)
+    return x
+
+
+def _run_block_recomputed(forward: Callable, *args: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return forward(*args)
+    return _recompute(forward, *args, use_reentrant=False)
+
+
+def checkpoint(generator: nn.Module) -> nn.Module:
+    """Gradient checkpointing of a generator, in place: only block boundaries are stored, and the insides are
+    recomputed in the backward. The blocks, by their official names: the stem and downsampling layers as one,
+    each residual block, each AdaILN block, each upsampling stage and the output layer. Off without gradients."""
+    down, up = generator.DownBlock, generator.UpBlock2
+    blocks = [i for i, layer in enumerate(down) if next(layer.children(), None) is not None]
+    stages = [i for i, layer in enumerate(up) if isinstance(layer, nn.Upsample)] + [len(up) - 3]
+    for sequence, cuts in ((down, blocks), (up, stages)):
+        forward = sequence.forward
+        sequence.forward = functools.partial(_run_recomputed, _segments(sequence, sorted(set(cuts) - {0})), forward)
+    for i in range(generator.n_res):
+        block = getattr(generator, f"UpBlock1_{i + 1}")
+        block.forward = functools.partial(_run_block_recomputed, block.forward)
+    return generator
+
+
+def stacked(net: nn.Module, *inputs: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """The outputs of `net` called on each input in turn, computed in one call on their concatenation (equal batch
+    sizes): every layer works per sample, and the fast spectral norms advance once per input, as separate calls
+    would. An exact discriminator cannot: it would advance once for all."""
+    if _is_discriminator(net) and not is_fast(net):
+        raise ValueError("stacked calls of a discriminator need its fast layers (ugatit.fast.apply)")
+    with stacked_calls(len(inputs)):
+        outputs = net(torch.cat(inputs))
+    return list(zip(*(output.chunk(len(inputs)) for output in outputs), strict=True))

@@ -1,0 +1,176 @@
+"""The fast path's discriminator layers: spectral norm applied to the output, and stacked calls.
+
+`conv(x, W / sigma) + b` is computed as `conv(x, W) / sigma + b`, and where the output is small (the deep layers of
+the discriminators are memory-bound: at 128 px the global one's 2048 x 1024 x 4 x 4 conv has 3 x 3 outputs) as one
+fp32 matrix product with the power iteration fused in (`_SpectralMatmul`), which reads and writes W fewer times.
+
+`stacked_calls(n)`: inside it, a discriminator called on n equal batches stacked along the batch axis gives the
+outputs of n consecutive calls, each advancing the spectral norms' power iterations once. The D update scores the
+real and the fake batch in one call this way: one pass over the weights and one gradient for both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.utils import parametrize
+
+from ..norms import SpectralNorm, eager
+from .precision import autocast_off
+
+_CALLS = contextvars.ContextVar("ugatit_fast_calls", default=1)
+
+
+@contextlib.contextmanager
+def stacked_calls(calls: int) -> Iterator[None]:
+    """Fast discriminator layers called in this block take their input as `calls` stacked consecutive calls."""
+    token = _CALLS.set(calls)
+    try:
+        yield
+    finally:
+        _CALLS.reset(token)
+
+
+def _spectral_parts(module: nn.Module) -> tuple[SpectralNorm, torch.Tensor] | None:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return module.parametrizations.weight[0], module.parametrizations.weight.original
+
+
+@eager
+def sigma(norm: SpectralNorm, weight: torch.Tensor, calls: int = 1) -> torch.Tensor:
+    """u^T W v after each of `calls` power iterations, as `calls` consecutive calls would see it: a (calls,) tensor,
+    differentiable in W with u, v held."""
+    with autocast_off(weight):
+        weight_mat = weight.flatten(1)
+        sigmas = []
+        for _ in range(calls):
+            wv = torch.mv(weight_mat, norm.next_v(weight_mat))
+            sigmas.append(torch.dot(norm.next_u(wv), wv))
+        return torch.stack(sigmas)
+
+
+@eager
+def spectral_matmul(norm: SpectralNorm, cols: torch.Tensor, weight: torch.Tensor, calls: int = 1) -> torch.Tensor:
+    """cols @ (W / sigma)^T for `calls` consecutive calls stacked in the rows of cols (equal shares, each with its
+    own power iteration): `sigma` and a product with W fused, so that W is read twice per call instead of four
+    times and its gradient written once for all of them. W must be contiguous."""
+    with autocast_off(weight):
+        weight_mat = weight.flatten(1)
+        vs = [norm.next_v(weight_mat)]
+        for _ in range(calls - 1):  # a later call's v starts from the u of the call before it
+            norm.next_u(torch.mv(weight_mat, vs[-1]))
+            vs.append(norm.next_v(weight_mat))
+        y, u = _SpectralMatmul.apply(cols.float(), weight, torch.stack(vs), norm._u, norm.training, norm.eps)
+        if norm.training:
+            with torch.no_grad():
+                norm._u.copy_(u)
+        return y
+
+
+class _SpectralMatmul(torch.autograd.Function):
+    """y = cols @ W^T / sigma_k for the rows of call k, sigma_k = u_k^T W v_k (u, v held constant), with the u
+    update of each call's power iteration. The rows of cols are `len(vs)` equal shares, one per call.
+
+    Forward: one product W [cols; v_1; ...; v_k]^T gives both cols @ W^T and every W v_k, hence u_k =
+    normalize(W v_k) and sigma_k (the last u is returned for the caller to store).
+    Backward: with gz = gy / sigma and dsigma_k = -sum(gy * cols @ W^T over call k's rows) / sigma_k^2, grad W =
+    gz^T cols + sum_k dsigma_k u_k v_k^T is one product [gz; dsigma_k u_k]^T [cols; v_k], written straight into a
+    tensor of W's shape (autograd then adopts it as W's gradient instead of copying it), and grad cols = gz W.
+    The products are arranged as W @ X rather than X @ W^T, the faster order for these wide matrices.
+    """
+
+    @staticmethod
+    def forward(ctx, cols, weight, vs, u, training: bool, eps: float):
+        weight_mat = weight.flatten(1)
+        calls = vs.shape[0]
+        both = weight_mat @ torch.cat([cols, vs]).t()
+        z, wv = both[:, :-calls].t(), both[:, -calls:]
+        us = F.normalize(wv, dim=0, eps=eps) if training else u.clone()[:, None].expand(-1, calls)
+        sigmas = (us * wv).sum(0)
+        row_sigma = sigmas.repeat_interleave(z.shape[0] // calls)[:, None]
+        ctx.save_for_backward(cols, weight, vs, us, z, row_sigma)
+        new_u = us[:, -1].clone()
+        ctx.mark_non_differentiable(new_u)
+        return z / row_sigma, new_u
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, _):
+        cols, weight, vs, us, z, row_sigma = ctx.saved_tensors
+        gz = gy / row_sigma
+        grad_cols = gz @ weight.flatten(1) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            calls = vs.shape[0]
+            dsigma = -(gy * z).reshape(calls, -1).sum(1) / row_sigma.view(calls, -1)[:, 0] ** 2
+            grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+            torch.mm(torch.cat([gz, (us * dsigma).t()]).t(), torch.cat([cols, vs]), out=grad_weight.flatten(1))
+        return grad_cols, grad_weight, None, None, None, None
+
+
+def _windows(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+    """The input windows of an unpadded convolution as rows, in the column order of `weight.flatten(1)`."""
+    kh, kw = weight.shape[2:]
+    windows = x.permute(0, 2, 3, 1).unfold(1, kh, stride).unfold(2, kw, stride)  # B, Ho, Wo, C, kh, kw
+    return windows.reshape(-1, windows[0, 0, 0].numel())
+
+
+def _per_call(sigmas: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each call's sigma repeated over its share of y's batch, shaped to divide y and in y's dtype (an fp32 divisor
+    would promote bf16 activations to fp32)."""
+    divisor = sigmas.repeat_interleave(y.shape[0] // sigmas.numel()).to(y.dtype)
+    return divisor.view(-1, *([1] * (y.dim() - 1)))
+
+
+def _check_calls(x: torch.Tensor) -> int:
+    calls = _CALLS.get()
+    if x.shape[0] % calls:
+        raise ValueError(f"batch of {x.shape[0]} does not split into {calls} stacked calls")
+    return calls
+
+
+@eager  # memory-bound: nothing for a compiler to fuse, and per-layer shapes would recompile it
+def spectral_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A discriminator convolution, spectrally normalised or not, with sigma applied to the output and small
+    outputs computed as a matrix product; x holds the stacked calls of `stacked_calls`."""
+    calls = _check_calls(x)
+    spectral = _spectral_parts(conv)
+    weight = spectral[1] if spectral else conv.weight
+    stride = conv.stride[0]
+    batch, _, height, width = x.shape
+    out_h, out_w = (height - weight.shape[2]) // stride + 1, (width - weight.shape[3]) // stride + 1
+    plain = conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1 and conv.stride == (stride,) * 2
+    if plain and weight.is_contiguous() and batch * out_h * out_w <= weight.shape[0]:
+        cols = _windows(x, weight, stride)
+        with autocast_off(x):
+            if spectral:
+                y = spectral_matmul(spectral[0], cols, weight, calls)
+            else:
+                y = (weight.flatten(1) @ cols.float().t()).t()
+        y = y.reshape(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
+    else:
+        y = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if spectral:
+            y = y / _per_call(sigma(spectral[0], weight, calls), y)
+    return y if conv.bias is None else y + conv.bias.to(y.dtype)[:, None, None]  # bf16 stays bf16
+
+
+def spectral_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The spectrally normalised CAM classifier as x W^T / sigma, with one power iteration per stacked call."""
+    calls = _check_calls(x)
+    spectral = _spectral_parts(linear)
+    if not spectral:
+        return nn.Linear.forward(linear, x)
+    y = F.linear(x, spectral[1])
+    return y / _per_call(sigma(spectral[0], spectral[1], calls), y)
+
+
+def is_spectral(module: nn.Module) -> bool:
+    return _spectral_parts(module) is not None
