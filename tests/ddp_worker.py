@@ -5,10 +5,10 @@ import sys
 import torch
 
 from ugatit import distributed
-from ugatit.config import Config, ConfigError
+from ugatit.config import ConfigError, ModelConfig, RunConfig, to_dict
 from ugatit.trainer import Trainer
 
-TINY = dict(img_size=32, ch=4, n_res=1, light=True, global_layers=4, local_layers=3)
+TINY = ModelConfig(img_size=32, ch=4, n_res=1, light=True, global_layers=4, local_layers=3)
 
 
 def batches(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,7 +22,7 @@ def main() -> None:
     info, device = distributed.setup(torch.device("cpu"))
     if mode == "steps":
         torch.manual_seed(0)
-        trainer = Trainer(Config(**TINY), device, distributed=True)
+        trainer = Trainer(TINY, RunConfig(), device, distributed=True)
         real_A, real_B = batches(3)
         for k in range(3):
             rank = slice(info.rank, info.rank + 1)
@@ -32,7 +32,8 @@ def main() -> None:
             torch.save(states, out)
     elif mode == "config":
         try:
-            distributed.check_same_config(info, Config(**TINY, cam_weight=1000.0 + info.rank))
+            settings = {**to_dict(TINY), **to_dict(RunConfig(cam_weight=1000.0 + info.rank))}
+            distributed.check_same_config(info, settings)
             message = "accepted"
         except ConfigError as exc:
             message = str(exc)

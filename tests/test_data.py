@@ -304,7 +304,6 @@ def test_start_resumes_exactly():
     for k in (0, 3, 4, 9):
         resumed = EpochSampler(7, seed=5, rank=1, world_size=2, start=2 * k)
         assert list(islice(resumed, 20 - k)) == fresh[k:]
-        assert resumed.state_dict() == {"seed": 5, "position": 39, "rank": 1, "world_size": 2}
 
 
 def test_resuming_with_another_world_size_continues_the_global_stream():

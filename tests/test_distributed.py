@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ugatit.config import Config
+from ugatit.checkpoint import list_checkpoints
+from ugatit.config import RunConfig
 from ugatit.synthetic import write_dataset
-from ugatit.train import list_checkpoints
 from ugatit.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -32,7 +32,11 @@ def test_two_ranks_of_batch_one_equal_one_process_of_batch_two(tmp_path):
     ranks = torch.load(out, weights_only=True)
 
     torch.manual_seed(0)
-    single = Trainer(Config(**TINY, batch_size=2))
+    single = Trainer(TINY, RunConfig(batch_size=2))
+    initial_u = {  # the power iterations' u vectors (those of one-row weights are +-1 for good)
+        key: value.clone() for key, value in single.nets["disGA"].state_dict().items() if key.endswith("_u")
+    }
+    initial_u = {key: value for key, value in initial_u.items() if value.numel() > 1}
     real_A, real_B = batches(3)
     for k in range(3):
         single.train_step(real_A[k], real_B[k])
@@ -42,8 +46,8 @@ def test_two_ranks_of_batch_one_equal_one_process_of_batch_two(tmp_path):
             assert torch.equal(ranks[0][name][key], ranks[1][name][key]), f"ranks differ: {name}.{key}"
             diff = (ranks[0][name][key] - value).abs().max().item()
             assert diff <= 1e-5, f"{name}.{key} differs from batch-2 training by {diff}"
-    u = "model.1.parametrizations.weight.0._u"
-    assert not torch.equal(ranks[0]["disGA"][u], Trainer(Config(**TINY)).nets["disGA"].state_dict()[u])
+    # The spectral norms' power iterations advanced on the ranks (their buffers are not synced at every call).
+    assert initial_u and not any(torch.equal(ranks[0]["disGA"][key], u) for key, u in initial_u.items())
 
 
 def test_ranks_with_different_configs_are_refused(tmp_path):

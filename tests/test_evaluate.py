@@ -20,8 +20,8 @@ from PIL import Image
 from torch import nn
 
 from ugatit import inception
-from ugatit.checkpoint import CheckpointError, save_model
-from ugatit.config import Config
+from ugatit.checkpoint import CheckpointError, load_model, save_checkpoint, save_model
+from ugatit.config import ModelConfig, RunConfig
 from ugatit.data import DataError
 from ugatit.evaluate import (
     KIDSettings,
@@ -42,6 +42,7 @@ from ugatit.inception import (
     sha256_of,
 )
 from ugatit.models import build_networks
+from ugatit.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Inception weights .* are not pt_inception")
 
@@ -373,7 +374,7 @@ def test_single_block_standard_error_is_written_as_null(model, tmp_path):
 def tiny_run(tmp_path_factory):
     """A tiny checkpoint, the networks it was saved from, and a dataset with test and train folders."""
     root = tmp_path_factory.mktemp("run")
-    config = Config(**TINY)
+    config = ModelConfig(**TINY)
     torch.manual_seed(0)
     nets = build_networks(config)
     save_model(root / "model.safetensors", {name: net.state_dict() for name, net in nets.items()}, config)
@@ -426,13 +427,37 @@ def test_evaluate_checkpoint_never_writes_into_a_used_folder(model, tiny_run, tm
         evaluate_checkpoint(tmp_path / "missing.safetensors", data, weights=model)
 
 
+def test_evaluate_checkpoint_of_a_run_folder_and_fast(model, tiny_run, tmp_path):
+    """A run folder is scored as its latest checkpoint; the fast path scores (almost) as the exact one."""
+    checkpoint, data, _, config = tiny_run
+    _, states = load_model(checkpoint)
+    nets = build_networks(config)
+    for name, net in nets.items():
+        net.load_state_dict(states[name])
+    trainer = Trainer(config, RunConfig(), nets=nets)
+    trainer.step = 5
+    save_checkpoint(trainer, tmp_path / "run", {})
+    settings = KIDSettings(n_subsets=5, max_block_size=4)
+    theirs = evaluate_checkpoint(checkpoint, data, "A2B", weights=model, settings=settings, progress=False)
+    ours = evaluate_checkpoint(tmp_path / "run", data, "A2B", weights=model, settings=settings, progress=False)
+    assert ours["config"] == theirs["config"] and theirs["translation"]["precision"] == "exact"
+    for key in ("kid", "kid_blocks", "fid"):
+        assert ours["directions"]["A2B"][key] == theirs["directions"]["A2B"][key]
+    fast = evaluate_checkpoint(tmp_path / "run", data, "A2B", weights=model, settings=settings, progress=False,
+                               precision="fast", fast_dtype="float32")  # fmt: skip
+    assert fast["translation"]["precision"] == "fast"
+    assert fast["directions"]["A2B"]["fid"] == pytest.approx(theirs["directions"]["A2B"]["fid"], rel=1e-2)
+    with pytest.raises(ValueError, match="precision"):
+        evaluate_checkpoint(checkpoint, data, "A2B", weights=model, precision="half")
+
+
 # ----------------------------------------------------------------------------------------------
 # Training-time tracking
 
 
 def test_tracker_matches_the_file_based_evaluation(model, tiny_run):
     checkpoint, data, nets, config = tiny_run
-    trainer = types.SimpleNamespace(nets=nets, config=config)
+    trainer = types.SimpleNamespace(nets=nets, model=config)
     for net in nets.values():
         net.train()
     track = KIDTracker(data, model, n_images=100, batch_size=4)
@@ -454,7 +479,7 @@ def test_tracker_uses_the_first_n_test_images(model, tiny_run):
     _, data, nets, config = tiny_run
     track = KIDTracker(data, model, n_images=3)
     assert track.paths == {d: sorted((data / f"test{d}").iterdir())[:3] for d in "AB"}
-    scores = track(types.SimpleNamespace(nets=nets, config=config))
+    scores = track(types.SimpleNamespace(nets=nets, model=config))
     assert all(np.isfinite(value) for value in scores.values())
 
 
@@ -488,14 +513,13 @@ def test_cli_evaluate_folders_and_missing_weights(weights_file, tmp_path, capsys
 
 def test_training_with_eval_every_logs_kid_and_keeps_best(weights_file, tmp_path):
     from ugatit.checkpoint import load_model
-    from ugatit.config import Config
+    from ugatit.config import configs
     from ugatit.synthetic import write_dataset
     from ugatit.train import train
 
     data = write_dataset(tmp_path / "data", size=32, n_train=4, n_test=3, seed=5)
-    config = Config(img_size=32, ch=4, n_res=1, light=True, global_layers=4, local_layers=3, num_workers=0,
-                    iterations=4, eval_every=2, sample_every=100)  # fmt: skip
-    train(config, data, tmp_path / "run", progress=False, inception_weights=weights_file)
+    config, run = configs(**TINY, num_workers=0, iterations=4, eval_every=2, sample_every=100)
+    train(config, run, data, tmp_path / "run", progress=False, inception_weights=weights_file)
     entries = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     evals = [e for e in entries if "eval" in e]
     assert [e["step"] for e in evals] == [2, 4]

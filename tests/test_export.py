@@ -12,24 +12,39 @@ from PIL import Image
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from ugatit import __version__, export  # noqa: E402
-from ugatit.checkpoint import save_model  # noqa: E402
-from ugatit.config import Config  # noqa: E402
+from ugatit import __version__, export, fast  # noqa: E402
+from ugatit.backends import load_translator  # noqa: E402
+from ugatit.checkpoint import CheckpointError, save_checkpoint, save_model, write_json  # noqa: E402
+from ugatit.config import ModelConfig, RunConfig, model_config_from_dict, to_dict  # noqa: E402
 from ugatit.data import eval_transform  # noqa: E402
-from ugatit.export import ExportError, OnnxTranslator, export_onnx, load_translator  # noqa: E402
+from ugatit.export import ExportError, export_onnx  # noqa: E402
 from ugatit.inference import Translator, translate_files  # noqa: E402
-from ugatit.models import build_networks  # noqa: E402
+from ugatit.models import build_generator, build_networks  # noqa: E402
+from ugatit.onnx_runtime import OnnxTranslator  # noqa: E402
 from ugatit.synthetic import make_sample  # noqa: E402
+from ugatit.trainer import Trainer  # noqa: E402
 
-LIGHT = Config(img_size=32, ch=4, n_res=1, light=True, global_layers=4, local_layers=3)
-FULL = Config(img_size=16, ch=2, n_res=1, light=False, global_layers=3, local_layers=3)
+LIGHT = ModelConfig(img_size=32, ch=4, n_res=1, light=True, global_layers=4, local_layers=3)
+FULL = ModelConfig(img_size=16, ch=2, n_res=1, light=False, global_layers=3, local_layers=3)
 TOLERANCE = 1e-4  # fp32 eager vs ONNX Runtime; measured differences are ~1e-6
 
 
-def write_checkpoint(path: Path, config: Config) -> Path:
+def write_checkpoint(path: Path, config: ModelConfig) -> Path:
     torch.manual_seed(0)
     save_model(path, {name: net.state_dict() for name, net in build_networks(config).items()}, config)
     return path
+
+
+def write_run(run_dir: Path, config: ModelConfig, steps: tuple[int, ...]) -> Path:
+    """A run folder as training leaves it: config.json and a training checkpoint per step, each with its own
+    weights."""
+    for step in steps:
+        torch.manual_seed(step)
+        trainer = Trainer(config, RunConfig(), nets=build_networks(config))
+        trainer.step = step
+        save_checkpoint(trainer, run_dir, {})
+    write_json(run_dir / "config.json", {"model": to_dict(config), "run": to_dict(RunConfig())})
+    return run_dir
 
 
 def random_image(width: int, height: int, seed: int) -> Image.Image:
@@ -117,7 +132,8 @@ def test_metadata(model):
     assert meta["format"] == "ugatit-onnx" and meta["ugatit_version"] == __version__
     assert meta["direction"] == "A2B" and meta["img_size"] == str(config.img_size)
     assert meta["light"] == str(config.light).lower() and meta["dynamic_size"] == str(config.light).lower()
-    assert Config.from_dict(json.loads(meta["config"])) == config
+    assert model_config_from_dict(json.loads(meta["config"])) == config
+    assert set(json.loads(meta["config"])) == set(to_dict(config))  # the model config alone, no run settings
     assert meta["input_range"].startswith("float32 [-1, 1]") and meta["outputs"] == "image,heatmap"
     assert meta["opset"] == "17" and proto.opset_import[0].version == 17
     dims = proto.graph.input[0].type.tensor_type.shape.dim
@@ -208,19 +224,70 @@ def test_load_translator(tmp_path):
     assert on_auto.device.type == ("cuda" if gpu["onnxruntime"] else "cpu")
 
 
-def test_fast_translator_exports_its_weights_through_the_exact_layers(tmp_path):
-    """The fused kernels have no ONNX form: a fast translator exports the same function with the exact layers."""
+@pytest.mark.parametrize("fast_dtype", ["float32", "auto"])
+def test_fast_translator_exports_its_weights_through_the_exact_layers(tmp_path, fast_dtype):
+    """The fused kernels have no ONNX form: a fast translator exports the same function with the exact layers, and
+    the file gives the exact fp32 output (whatever dtype the translator itself computes in)."""
     checkpoint = write_checkpoint(tmp_path / "light.safetensors", LIGHT)
-    fast = Translator.from_checkpoint(checkpoint, fast=True, dtype=torch.float32)
-    exported = OnnxTranslator.from_file(export_onnx(fast, tmp_path / "fast.onnx"))
-    assert fast.generator.UpBlock1_1.norm1.norm.__name__ == "instance_layer_norm_fused"  # left as it was
+    translator = Translator.from_checkpoint(checkpoint, precision="fast", fast_dtype=fast_dtype)
+    assert translator.precision == "fast" and fast.is_fast(translator.generator)
+    exported = OnnxTranslator.from_file(export_onnx(translator, tmp_path / "fast.onnx", heatmap=True))
+    assert fast.is_fast(translator.generator)  # left as it was
+    exact = Translator.from_checkpoint(checkpoint)
+    assert not fast.is_fast(exact.generator)
+    for shape in [(2, 3, 32, 32), (1, 3, 48, 40)]:
+        x = torch.rand(*shape, generator=torch.Generator().manual_seed(shape[0])) * 2 - 1
+        image, heatmap = exported.run(x.numpy())
+        with torch.no_grad():
+            ref_image, _, ref_heatmap = exact.generator(x)
+        assert max_diff(image, ref_image) <= TOLERANCE and max_diff(heatmap, ref_heatmap) <= TOLERANCE
     images = [random_image(32, 32, seed) for seed in range(2)]
-    for ours, theirs in zip(exported(images), Translator.from_checkpoint(checkpoint)(images), strict=True):
+    for ours, theirs in zip(exported(images), exact(images), strict=True):
         assert np.abs(np.asarray(ours, np.int16) - np.asarray(theirs, np.int16)).max() <= 1
-    # A generator built fast and handed to a translator that runs it as is: the same rule.
-    as_is = Translator(fast.generator, LIGHT)
-    assert not as_is.fast
-    export_onnx(as_is, tmp_path / "as_is.onnx")
+
+
+def build_generator_like(generator: torch.nn.Module) -> torch.nn.Module:
+    """A freshly built (exact) generator holding `generator`'s weights."""
+    twin = build_generator(LIGHT)
+    twin.load_state_dict(generator.state_dict())
+    return twin.eval()
+
+
+def test_generator_with_fast_kernels_runs_exact_in_an_exact_translator(tmp_path):
+    """The translator owns how its generator computes: one handed a generator with the fast kernels swapped in runs
+    (and exports) the exact computation."""
+    torch.manual_seed(0)
+    generator = fast.apply(build_generator(LIGHT))
+    assert fast.is_fast(generator)
+    translator = Translator(generator, LIGHT)
+    assert translator.precision == "exact" and not fast.is_fast(translator.generator)
+    assert translator.dtype == torch.float32
+    exported = OnnxTranslator.from_file(export_onnx(translator, tmp_path / "as_is.onnx"))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        reference_image = build_generator_like(generator)(x)[0]
+    assert max_diff(exported.run(x.numpy())[0], reference_image) <= TOLERANCE
+
+
+def test_run_folder_exports_its_latest_checkpoint(tmp_path):
+    run_dir = write_run(tmp_path / "run", LIGHT, steps=(3, 12))
+    exported = OnnxTranslator.from_file(export_onnx(run_dir, tmp_path / "run.onnx", "B2A"))
+    assert exported.direction == "B2A" and exported.config == LIGHT
+    latest = Translator.from_checkpoint(run_dir / "checkpoints" / "step_0000012", "B2A")
+    older = Translator.from_checkpoint(run_dir / "checkpoints" / "step_0000003", "B2A")
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    image, _ = exported.run(x.numpy())
+    with torch.no_grad():
+        assert max_diff(image, latest.generator(x)[0]) <= TOLERANCE
+        assert max_diff(image, older.generator(x)[0]) > 100 * TOLERANCE
+    on_the_fly = load_translator(run_dir, "B2A", backend="onnxruntime")
+    assert isinstance(on_the_fly, OnnxTranslator) and on_the_fly.direction == "B2A"
+    picture = random_image(32, 32, 6)
+    assert np.abs(np.asarray(on_the_fly(picture), np.int16) - np.asarray(latest(picture), np.int16)).max() <= 1
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="no checkpoint") as info:
+        export_onnx(tmp_path / "empty", tmp_path / "empty.onnx")
+    assert "\n" not in str(info.value) and not (tmp_path / "empty.onnx").exists()
 
 
 def test_export_refusals(model, tmp_path, monkeypatch):

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ugatit import fused as fused_module
-from ugatit.fused import instance_layer_norm_fused, instance_norm_fused
+from ugatit.fast import norms as fast_norms
+from ugatit.fast.norms import instance_layer_norm_fused, instance_norm_fused
 from ugatit.norms import instance_layer_norm
 
 SHAPES = [(1, 4, 8, 8), (3, 16, 8, 24), (1, 64, 40, 16), (3, 32, 64, 24), (3, 64, 16, 64), (1, 8, 64, 64)]
@@ -149,7 +149,7 @@ def test_near_constant_channels(channels_last):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_device_generic_path(monkeypatch, dtype, channels_last):
     """The device-generic formulation that other devices (CUDA) run, exercised on CPU."""
-    monkeypatch.setattr(fused_module, "_GENERIC_ON_CPU", True)
+    monkeypatch.setattr(fast_norms, "GENERIC_ON_CPU", True)
     x, rho, gamma, beta, grad = make_inputs((3, 16, 12, 20), True, channels_last)
     reference = run(instance_layer_norm, x.to(dtype).float(), rho, gamma, beta, grad.to(dtype).float())
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):

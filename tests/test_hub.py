@@ -11,21 +11,24 @@ import torch
 from PIL import Image
 
 from ugatit import __version__, hub
-from ugatit.checkpoint import CheckpointError, load_model, read_metadata, save_model
+from ugatit.checkpoint import CheckpointError, load_model, read_metadata, save_checkpoint, save_model, write_json
 from ugatit.cli import main
-from ugatit.config import Config
+from ugatit.config import ModelConfig, RunConfig, to_dict
 from ugatit.hub import HUB_FILES, from_pretrained, model_card, read_config, save_pretrained
 from ugatit.inference import Translator
 from ugatit.models import GENERATORS, build_networks
 from ugatit.trainer import Trainer
 
-TINY = Config(img_size=32, ch=4, n_res=1, light=True, global_layers=4, local_layers=3)
-FULL = Config(img_size=16, ch=2, n_res=1, light=False, global_layers=3, local_layers=3)
+TINY = ModelConfig(img_size=32, ch=4, n_res=1, light=True, global_layers=4, local_layers=3)
+FULL = ModelConfig(img_size=16, ch=2, n_res=1, light=False, global_layers=3, local_layers=3)
+LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy"
+LEGACY_MODEL = ModelConfig(img_size=32, ch=4, n_res=1, light=True, global_layers=4, local_layers=3, keep_aspect=True)
+EXACT = 1e-6  # the current code against the outputs the code before the split computed from the same weights
 INFO = {"data": "datasets/horse2zebra (trainA, trainB)", "hardware": "1x CPU"}
 METRICS = {"kid_A2B": 0.0123456, "note": "a|b"}
 
 
-def write_checkpoint(path: Path, config: Config = TINY) -> Path:
+def write_checkpoint(path: Path, config: ModelConfig = TINY) -> Path:
     torch.manual_seed(0)
     save_model(path, {name: net.state_dict() for name, net in build_networks(config).items()}, config, step="1234")
     return path
@@ -82,7 +85,7 @@ def test_model_card(checkpoint, tmp_path):
     assert meta["pipeline_tag"] == "image-to-image" and meta["tags"] == ["image-to-image", "u-gat-it", "gan"]
     assert "| step | 1234 |" in card and f"| data | {INFO['data']} |" in card
     assert "| kid_A2B | 0.01235 |" in card and "| note | a\\|b |" in card
-    for key, value in TINY.to_dict().items():
+    for key, value in to_dict(TINY).items():
         assert f"| {key} | {value} |" in card
     assert "ugatit translate MODEL_DIR" in card and "from_pretrained(folder" in card
 
@@ -112,7 +115,7 @@ def test_from_translator_and_trainer(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="translator translates B2A"):
         save_pretrained(translator, tmp_path / "other", direction="A2B")
 
-    trainer = Trainer(TINY)
+    trainer = Trainer(TINY, RunConfig())
     folder = save_pretrained(trainer, tmp_path / "trainer", direction="A2B")
     _, states = load_model(folder)
     assert all(torch.equal(states["genA2B"][k], v) for k, v in trainer.nets["genA2B"].state_dict().items())
@@ -179,3 +182,61 @@ def test_hub_helpers_call_huggingface_hub(checkpoint, tmp_path, monkeypatch):
     assert sorted(upload["allow_patterns"]) == sorted(HUB_FILES)
     assert hub.pull_from_hub("user/model", tmp_path / "pulled", revision="v1") == tmp_path / "pulled"
     assert calls[3][1] == "user/model" and calls[3][2]["revision"] == "v1"
+
+
+def test_from_run_folder(tmp_path):
+    """A run folder stands for its latest checkpoint, whose step goes into the model card."""
+    run_dir = tmp_path / "run"
+    for step in (5, 40):
+        torch.manual_seed(step)
+        trainer = Trainer(TINY, RunConfig(), nets=build_networks(TINY))
+        trainer.step = step
+        save_checkpoint(trainer, run_dir, {})
+    write_json(run_dir / "config.json", {"model": to_dict(TINY), "run": to_dict(RunConfig())})
+    folder = save_pretrained(run_dir, tmp_path / "model")
+    assert read_config(folder) == TINY and read_metadata(folder)["step"] == "40"
+    assert "| step | 40 |" in (folder / "README.md").read_text()
+    _, states = load_model(folder)
+    _, latest = load_model(run_dir / "checkpoints" / "step_0000040", GENERATORS)
+    _, older = load_model(run_dir / "checkpoints" / "step_0000005", GENERATORS)
+    assert set(states) == set(GENERATORS)
+    for name in GENERATORS:
+        assert all(torch.equal(states[name][key], value) for key, value in latest[name].items())
+        assert not all(torch.equal(states[name][key], value) for key, value in older[name].items())
+    one = save_pretrained(run_dir, tmp_path / "b2a", direction="B2A")
+    assert list(load_model(one)[1]) == ["genB2A"]
+
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="no checkpoint") as info:
+        save_pretrained(tmp_path / "empty", tmp_path / "nothing")
+    assert "\n" not in str(info.value) and not (tmp_path / "nothing").exists()
+
+
+def test_legacy_hub_folder_loads():
+    """A folder written before the configuration split (config.json with every run setting, tests/fixtures/legacy)."""
+    folder = LEGACY / "hub"
+    stored = json.loads((folder / "config.json").read_text())
+    assert stored["lr"] == 2e-4 and stored["batch_size"] == 2  # the old form, run settings included
+    assert read_config(folder) == LEGACY_MODEL
+    config, states = load_model(folder)
+    assert config == LEGACY_MODEL and set(states) == set(GENERATORS)
+    with np.load(LEGACY / "outputs.npz") as outputs:
+        x = torch.from_numpy(outputs["input"])
+        for direction in ("A2B", "B2A"):
+            translator = from_pretrained(folder, direction)
+            assert translator.config == LEGACY_MODEL and translator.direction == direction
+            with torch.no_grad():
+                computed = translator.generator(x)
+            for name, value in zip(("image", "cam_logit", "heatmap"), computed, strict=True):
+                expected = torch.from_numpy(outputs[f"model_{direction}_{name}"])
+                assert value.shape == expected.shape and (value - expected).abs().max().item() <= EXACT
+
+
+def test_legacy_hub_folder_saves_again_in_the_current_form(tmp_path):
+    folder = save_pretrained(LEGACY / "hub", tmp_path / "model")
+    stored = json.loads((folder / "config.json").read_text())
+    assert set(stored) == set(to_dict(LEGACY_MODEL)) | {"ugatit_version", "architecture", "directions"}
+    assert read_config(folder) == LEGACY_MODEL and read_metadata(folder)["step"] == "7"
+    _, ours = load_model(folder)
+    _, theirs = load_model(LEGACY / "hub")
+    assert all(torch.equal(ours[n][k], v) for n in GENERATORS for k, v in theirs[n].items())

@@ -1,5 +1,9 @@
-"""Inference: the Translator against a direct generator forward, and translate_files' naming and refusals."""
+"""Inference: the Translator against a direct generator forward, translate_files' naming and refusals, run folders
+where a checkpoint is expected, and the checkpoints and run folders of the code before the configuration split."""
 
+import dataclasses
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,13 +13,28 @@ import pytest
 import torch
 from PIL import Image
 
-from ugatit.checkpoint import CheckpointError, load_model, save_model
-from ugatit.config import Config
+from ugatit.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_model,
+    read_metadata,
+    read_model_config,
+    save_checkpoint,
+    save_model,
+    write_json,
+)
+from ugatit.config import ConfigError, ModelConfig, RunConfig, to_dict
 from ugatit.data import BadImageError, eval_transform, load_rgb, to_image
 from ugatit.inference import Translator, default_batch_size, plan_outputs, translate_files
-from ugatit.models import build_generator, build_networks
+from ugatit.models import NETWORKS, build_generator, build_networks
+from ugatit.synthetic import write_dataset
+from ugatit.train import read_run_configs, resolve_configs, train
+from ugatit.trainer import Trainer
 
 TINY = {"img_size": 32, "ch": 4, "n_res": 1, "light": True, "global_layers": 4, "local_layers": 3}
+LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy"
+LEGACY_DATASET = {"size": 32, "n_train": 4, "n_test": 2, "seed": 0}  # as make_fixtures.py wrote it
+EXACT = 1e-6  # the current code against the outputs the code before the split computed from the same weights
 
 
 def random_image(width: int, height: int, seed: int) -> Image.Image:
@@ -26,13 +45,26 @@ def random_image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(coarse, dtype=np.int64) + fine, 0, 255).astype(np.uint8))
 
 
-def save_checkpoint(path: Path, networks: tuple[str, ...] | None = None, **overrides) -> Path:
-    config = Config(**TINY, **overrides)
+def write_checkpoint(path: Path, networks: tuple[str, ...] | None = None, **overrides) -> Path:
+    config = ModelConfig(**TINY, **overrides)
     torch.manual_seed(0)
     nets = build_networks(config)
     states = {name: net.state_dict() for name, net in nets.items() if networks is None or name in networks}
     save_model(path, states, config)
     return path
+
+
+def write_run(run_dir: Path, steps: tuple[int, ...], **overrides) -> Path:
+    """A run folder as training leaves it: config.json and a real training checkpoint (networks, optimizers) per
+    step, each with its own weights."""
+    model, run = ModelConfig(**TINY, **overrides), RunConfig()
+    for step in steps:
+        torch.manual_seed(step)
+        trainer = Trainer(model, run, nets=build_networks(model))
+        trainer.step = step
+        save_checkpoint(trainer, run_dir, {})
+    write_json(run_dir / "config.json", {"model": to_dict(model), "run": to_dict(run)})
+    return run_dir
 
 
 def direct(checkpoint: Path, name: str, image: Image.Image) -> Image.Image:
@@ -59,7 +91,7 @@ def assert_same_up_to_rounding(a: Image.Image, b: Image.Image) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "full.safetensors")
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "full.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +126,7 @@ def test_output_at_img_size_or_back_at_original_size(translator):
 
 @pytest.mark.parametrize("keep_aspect", [False, True])
 def test_matches_direct_generator_forward(tmp_path, keep_aspect):
-    ckpt = save_checkpoint(tmp_path / "model.safetensors", keep_aspect=keep_aspect)
+    ckpt = write_checkpoint(tmp_path / "model.safetensors", keep_aspect=keep_aspect)
     image = random_image(50, 40, seed=3)
     out = Translator.from_checkpoint(ckpt)(image)
     assert np.array_equal(pixels(out), pixels(direct(ckpt, "genA2B", image)))
@@ -109,12 +141,12 @@ def test_b2a_uses_genB2A(checkpoint, translator):
     assert not np.array_equal(pixels(out), pixels(translator(image)))
 
 
-def test_generator_only_checkpoint_and_run_folder(tmp_path):
-    ckpt = save_checkpoint(tmp_path / "run" / "model.safetensors", networks=("genA2B",))
+def test_generator_only_checkpoint_and_checkpoint_folder(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ckpt" / "model.safetensors", networks=("genA2B",))
     image = random_image(36, 44, seed=5)
     expected = pixels(direct(ckpt, "genA2B", image))
     assert np.array_equal(pixels(Translator.from_checkpoint(ckpt, "A2B")(image)), expected)
-    assert np.array_equal(pixels(Translator.from_checkpoint(tmp_path / "run", "A2B")(image)), expected)
+    assert np.array_equal(pixels(Translator.from_checkpoint(tmp_path / "ckpt", "A2B")(image)), expected)
     with pytest.raises(CheckpointError, match="genB2A"):
         Translator.from_checkpoint(ckpt, "B2A")
     with pytest.raises(ValueError, match="direction"):
@@ -275,14 +307,130 @@ def test_translate_files_batch_size_does_not_change_outputs(tmp_path, translator
 def test_translating_does_not_load_the_compiler(tmp_path):
     """Importing dynamo costs a translation 1.2 s of start-up and 70 MB: only the discriminators' functions are
     marked eager-under-compile, and the mark is made at their first call (`norms.eager`)."""
-    checkpoint = save_checkpoint(tmp_path / "model.safetensors")
+    checkpoint = write_checkpoint(tmp_path / "model.safetensors")
     script = (
         "import sys\n"
         "from PIL import Image\n"
         "from ugatit.inference import Translator\n"
-        "for fast in (False, True):\n"
-        f"    out = Translator.from_checkpoint({str(checkpoint)!r}, 'A2B', fast=fast)(Image.new('RGB', (40, 32)))\n"
+        "for precision in ('exact', 'fast'):\n"
+        f"    translator = Translator.from_checkpoint({str(checkpoint)!r}, 'A2B', precision=precision)\n"
+        "    out = translator(Image.new('RGB', (40, 32)))\n"
         "print(out.size, 'torch._dynamo' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["(32,", "32)", "False"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders where a checkpoint is expected
+
+
+def test_run_folder_means_its_latest_checkpoint(tmp_path):
+    run_dir = write_run(tmp_path / "run", steps=(2, 10))
+    latest = run_dir / "checkpoints" / "step_0000010"
+    assert [step for step, _ in list_checkpoints(run_dir)] == [2, 10]
+    image = random_image(50, 40, seed=7)
+    for direction, name in (("A2B", "genA2B"), ("B2A", "genB2A")):
+        translator = Translator.from_checkpoint(run_dir, direction)
+        assert translator.source == f"{run_dir}: latest checkpoint step_0000010"
+        assert translator.config == ModelConfig(**TINY) and translator.direction == direction
+        out = pixels(translator(image))
+        assert np.array_equal(out, pixels(direct(latest, name, image)))
+        assert not np.array_equal(out, pixels(direct(run_dir / "checkpoints" / "step_0000002", name, image)))
+    # A checkpoint named directly is its own source.
+    assert Translator.from_checkpoint(latest).source == str(latest)
+    assert read_model_config(run_dir) == ModelConfig(**TINY) and read_metadata(run_dir)["step"] == "10"
+
+
+def test_run_folder_without_a_checkpoint_is_refused_in_one_line(tmp_path):
+    run_dir = write_run(tmp_path / "run", steps=())
+    (run_dir / "checkpoints").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint") as info:
+        Translator.from_checkpoint(run_dir)
+    assert str(info.value).startswith(f"{run_dir}:") and "\n" not in str(info.value)
+
+
+def test_run_folder_before_its_first_checkpoint_is_refused_in_one_line(tmp_path):
+    """A run that started but has not saved yet, as training leaves it (no checkpoints/ folder yet): the message
+    says so, rather than naming a model file that nobody asked for."""
+    data = write_dataset(tmp_path / "data", **LEGACY_DATASET)
+    model, run = ModelConfig(**TINY), RunConfig(num_workers=0)
+    started = tmp_path / "started"
+    train(model, run, data, started, device="cpu", until=0, progress=False, echo=lambda m: None)
+    assert (started / "config.json").is_file() and list_checkpoints(started) == []
+    with pytest.raises(CheckpointError, match="no checkpoint") as info:
+        Translator.from_checkpoint(started)
+    assert str(info.value).startswith(f"{started}:") and "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files written before the configuration split (tests/fixtures/legacy, see its README.md)
+
+LEGACY_MODEL = ModelConfig(**TINY, keep_aspect=True)
+
+
+@pytest.fixture(scope="module")
+def legacy_outputs() -> dict[str, torch.Tensor]:
+    with np.load(LEGACY / "outputs.npz") as stored:
+        return {key: torch.from_numpy(stored[key]) for key in stored.files}
+
+
+def assert_stored_outputs(translator: Translator, outputs: dict[str, torch.Tensor], key: str) -> None:
+    """The translator's generator gives, on the stored input, what the old code's gave (image, CAM logit, heatmap)."""
+    with torch.no_grad():
+        computed = translator.generator(outputs["input"])
+    for name, value in zip(("image", "cam_logit", "heatmap"), computed, strict=True):
+        expected = outputs[f"{key}_{translator.direction}_{name}"]
+        assert value.shape == expected.shape
+        assert (value - expected).abs().max().item() <= EXACT, (key, translator.direction, name)
+
+
+def test_legacy_model_file_loads(legacy_outputs):
+    file = LEGACY / "model.safetensors"
+    metadata = read_metadata(file)
+    assert "model_config" not in metadata and json.loads(metadata["config"])["lr"] == 2e-4  # the old, flat form
+    config, states = load_model(file)
+    assert config == LEGACY_MODEL and set(states) == set(NETWORKS)  # the run settings are dropped
+    assert read_model_config(file) == LEGACY_MODEL
+    for direction in ("A2B", "B2A"):
+        translator = Translator.from_checkpoint(file, direction)
+        assert translator.config == LEGACY_MODEL
+        assert_stored_outputs(translator, legacy_outputs, "model")
+    a2b = Translator.from_checkpoint(file)
+    image = random_image(50, 40, seed=8)  # keep_aspect: the old framing, centre-cropped
+    assert np.array_equal(pixels(a2b(image)), pixels(direct(file, "genA2B", image)))
+
+
+def test_legacy_run_folder_loads_as_a_checkpoint(legacy_outputs):
+    run_dir = LEGACY / "run"
+    assert "model" not in json.loads((run_dir / "config.json").read_text())  # the old, flat form
+    model, run = read_run_configs(run_dir)
+    assert model == ModelConfig(**TINY) and (run.iterations, run.num_workers, run.decay) == (3, 0, False)
+    for direction in ("A2B", "B2A"):
+        translator = Translator.from_checkpoint(run_dir, direction)
+        assert translator.source == f"{run_dir}: latest checkpoint step_0000002"
+        assert_stored_outputs(translator, legacy_outputs, "run_step2")
+
+
+def test_legacy_run_folder_resumes(tmp_path, legacy_outputs, two_threads):
+    """One more step with the current code, from the old checkpoint: the same weights as the old code's
+    uninterrupted run, and config.json rewritten in the current form."""
+    run_dir = shutil.copytree(LEGACY / "run", tmp_path / "run")
+    data = write_dataset(tmp_path / "data", **LEGACY_DATASET)
+    model, run = resolve_configs(run_dir, {})
+    assert model == ModelConfig(**TINY) and run.iterations == 3
+    assert resolve_configs(run_dir, {"iterations": 5})[1] == dataclasses.replace(run, iterations=5)  # resumable
+    with pytest.raises(ConfigError, match="lr"):
+        resolve_configs(run_dir, {"lr": 1e-3})
+
+    messages = []
+    trainer = train(model, run, data, run_dir, device="cpu", progress=False, echo=messages.append)
+    assert trainer.step == 3 and any("from step 2" in message for message in messages)
+    assert [step for step, _ in list_checkpoints(run_dir)] == [2, 3]
+    assert json.loads((run_dir / "config.json").read_text()) == {"model": to_dict(model), "run": to_dict(run)}
+    assert read_run_configs(run_dir) == (model, run)
+    assert [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    for direction in ("A2B", "B2A"):
+        translator = Translator.from_checkpoint(run_dir, direction)
+        assert translator.source.endswith("latest checkpoint step_0000003")
+        assert_stored_outputs(translator, legacy_outputs, "run_step3")

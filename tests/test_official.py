@@ -9,7 +9,7 @@ import torch
 
 from ugatit.checkpoint import CheckpointError, load_model
 from ugatit.cli import main
-from ugatit.config import Config
+from ugatit.config import ModelConfig
 from ugatit.models import NETWORKS, build_networks
 from ugatit.official import load_official, ours_to_official
 
@@ -25,8 +25,8 @@ def _official_file(tmp_path, config, mutate=None, name="official.pt"):
     return path, official
 
 
-LIGHT = Config(img_size=32, ch=4, n_res=2, light=True, global_layers=4, local_layers=3)
-FULL = Config(img_size=16, ch=2, n_res=1, light=False, global_layers=3, local_layers=3)
+LIGHT = ModelConfig(img_size=32, ch=4, n_res=2, light=True, global_layers=4, local_layers=3)
+FULL = ModelConfig(img_size=16, ch=2, n_res=1, light=False, global_layers=3, local_layers=3)
 
 
 @pytest.mark.parametrize("config", [LIGHT, FULL], ids=["light", "full"])

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from ugatit.config import RunConfig
 from ugatit.models import NETWORKS, build_networks
 from ugatit.official import infer_config, official_to_ours, ours_to_official
 from ugatit.trainer import Trainer, learning_rate
@@ -10,12 +11,16 @@ from ugatit.trainer import Trainer, learning_rate
 
 def _networks(fixture):
     config = infer_config(fixture["init"], img_size=fixture["config"]["img_size"])
-    config = config.replace(iterations=fixture["config"]["iteration"])
     states = official_to_ours(fixture["init"], config)
     nets = build_networks(config)
     for name, net in nets.items():
         net.load_state_dict(states[name])
     return config, nets
+
+
+def _run(fixture) -> RunConfig:
+    """The official defaults (exact precision), with the fixture's iteration count for the learning-rate schedule."""
+    return RunConfig(iterations=fixture["config"]["iteration"])
 
 
 def test_fixture_config_is_inferred(official_fixture):
@@ -56,7 +61,8 @@ def test_four_training_steps_match(official_fixture, two_threads):
     """Losses of each step and every final tensor, u and v included: 3 training-mode calls per discriminator per
     step advance the power iteration 12 times, and any other count would leave different vectors."""
     config, nets = _networks(official_fixture)
-    trainer = Trainer(config, nets=nets)
+    run = _run(official_fixture)
+    trainer = Trainer(config, run, nets=nets)
     batches, losses = official_fixture["batches"], official_fixture["losses"]
     steps = len(batches["real_A"])
     for k in range(steps):
@@ -70,7 +76,7 @@ def test_four_training_steps_match(official_fixture, two_threads):
     # elements, at most 3.7 % of one tensor, each off by up to 2 * lr). So every element must be within 1e-5 or
     # within two full Adam steps of every step's lr, and at most 10 % of a tensor may use the latter; a wrong or
     # missing gradient moves most of a tensor. On the fixture's own CPU kind every element is within 1e-5.
-    flip = 1e-5 + 2.0 * sum(learning_rate(config, step) for step in range(1, steps + 1)) * (1 + config.weight_decay)
+    flip = 1e-5 + 2.0 * sum(learning_rate(run, step) for step in range(1, steps + 1)) * (1 + run.weight_decay)
     for name in NETWORKS:
         assert final[name].keys() == official_fixture["final"][name].keys()
         for key, value in final[name].items():

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from ugatit.config import preset
-from ugatit.precision import native_bf16
+from ugatit.fast import native_bf16
 from ugatit.quickstart import N_TEST, quickstart
 
 BF16_NATIVE = pytest.mark.skipif(not native_bf16("cpu"), reason="this CPU has no bf16 hardware (bf16 is emulated)")
@@ -22,8 +22,8 @@ BF16_NATIVE = pytest.mark.skipif(not native_bf16("cpu"), reason="this CPU has no
     [("exact", "auto"), ("fast", "float32"), pytest.param("fast", "bfloat16", marks=BF16_NATIVE)],
 )
 def test_quickstart_learns_both_directions(tmp_path, precision, fast_dtype):
-    config = preset("cpu-small", precision=precision, fast_dtype=fast_dtype)
-    result = quickstart(tmp_path / "qs", config, progress=False, echo=lambda m: None)
+    configs = preset("cpu-small", precision=precision, fast_dtype=fast_dtype)
+    result = quickstart(tmp_path / "qs", configs, progress=False, echo=lambda m: None)
     scores = result["scores"]
     for direction in ("A2B", "B2A"):
         trained, untrained = scores["trained"][direction], scores["untrained"][direction]

@@ -1,13 +1,17 @@
-"""Winograd F(4x4, 3x3) convolutions (winograd.py) against the library's direct convolution, and where the fast
-generator uses them."""
+"""Winograd F(4x4, 3x3) convolutions (fast/winograd.py) against the library's direct convolution, and where the
+fast generator uses them."""
+
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.profiler import profile
 
-from ugatit import winograd
-from ugatit.config import Config
-from ugatit.models import Conv2d, build_generator
+from ugatit import fast
+from ugatit.config import ModelConfig
+from ugatit.fast import winograd
+from ugatit.models import build_generator
 
 
 def _scale_error(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -54,39 +58,36 @@ def test_only_large_fp32_cpu_layers_outside_autocast_pay():
         assert not winograd.pays(x, w)
 
 
+def _step(net, x) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor], Counter]:
+    """One forward and backward of `net` on x: its outputs, its parameters' gradients, and how many times the
+    library's direct convolution ran forward and backward."""
+    with profile() as prof:
+        outputs = net(x)
+        out, cam, _ = outputs
+        (out.square().mean() + cam.square().mean()).backward()
+    ops = Counter(event.name for event in prof.events())
+    calls = Counter(forward=ops["aten::convolution"], backward=ops["aten::convolution_backward"])
+    return tuple(t.detach() for t in outputs), {name: p.grad for name, p in net.named_parameters()}, calls
+
+
 def test_fast_generator_uses_winograd_and_matches_the_exact_one():
     """At 128 px with ch 64 the batched residual blocks go through Winograd; the fast generator's outputs and one
     backward's gradients stay within fp32 rounding of the exact generator's."""
-    config = Config(img_size=128, ch=64, n_res=1, light=True)
+    config = ModelConfig(img_size=128, ch=64, n_res=1, light=True)
     torch.manual_seed(0)
     exact = build_generator(config)
-    fast = build_generator(config.replace(precision="fast"))
-    fast.load_state_dict(exact.state_dict())
+    quick = build_generator(config)
+    quick.load_state_dict(exact.state_dict())
+    fast.apply(quick)
     x = torch.rand(2, 3, 128, 128) * 2 - 1
-    conv = fast.DownBlock[12].conv_block[1]
-    assert isinstance(conv, Conv2d) and conv.fast
-    outputs = [net(x) for net in (exact, fast)]
-    # In training each pad and convolution run as one autograd node, which records the kernel it used.
-    nodes = _graph_nodes(outputs[1][0].grad_fn)
-    routes = [node.winograd for node in nodes if type(node).__name__ == "_PadConvBackward"]
-    # 3 + 2 + 2 + 3 padded convolutions; Winograd in the residual blocks and the first upsampling layer
-    assert len(routes) == 10 and sum(routes) == 5
-    for ref, ours in zip(outputs[0], outputs[1], strict=True):
+    (ref_outputs, ref_grads, ref_calls), (outputs, grads, calls) = (_step(net, x) for net in (exact, quick))
+    # 3 + 2 + 2 + 3 padded convolutions and the CAM's 1 x 1 one; Winograd (batched matrix products instead of the
+    # library's convolution, forward and backward) in the residual blocks and the first upsampling layer.
+    assert ref_calls == Counter(forward=11, backward=11)
+    assert calls == Counter(forward=6, backward=6)
+    for ref, ours in zip(ref_outputs, outputs, strict=True):
         assert _scale_error(ref, ours) <= 1e-4
-    grads = []
-    for net, (out, cam, _) in zip((exact, fast), outputs, strict=True):
-        (out.square().mean() + cam.square().mean()).backward()
-        grads.append({name: p.grad for name, p in net.named_parameters()})
-    errors = {k: ((ref - grads[1][k]).norm() / (ref.norm() + 1e-12)).item() for k, ref in grads[0].items()}
+    assert ref_grads.keys() == grads.keys()
+    errors = {k: ((ref - grads[k]).norm() / (ref.norm() + 1e-12)).item() for k, ref in ref_grads.items()}
     assert sorted(errors.values())[len(errors) // 2] <= 1e-4
     assert max(errors.values()) <= 1e-2, max(errors, key=errors.get)
-
-
-def _graph_nodes(root) -> list:
-    seen, stack = [], [root]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.append(node)
-            stack.extend(next_node for next_node, _ in node.next_functions)
-    return seen

@@ -148,8 +148,11 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def is_run_folder(path: str | os.PathLike) -> bool:
+    """A folder that training writes (its config or its checkpoints), as opposed to a checkpoint or Hub folder."""
     path = Path(path)
-    return path.is_dir() and not (path / MODEL_FILE).exists() and (path / "checkpoints").is_dir()
+    if not path.is_dir() or (path / MODEL_FILE).exists():
+        return False
+    return (path / "checkpoints").is_dir() or (path / CONFIG_FILE).is_file()
 
 
 def resolve_model(path: str | os.PathLike) -> Path:

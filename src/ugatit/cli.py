@@ -258,30 +258,36 @@ def add_precision_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ugatit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ugatit", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"ugatit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("import-official", help="convert a checkpoint of the official PyTorch code to ours")
+    p = sub.add_parser(
+        "import-official", allow_abbrev=False, help="convert a checkpoint of the official PyTorch code to ours"
+    )
     p.add_argument("file", help="official checkpoint (.pt) holding genA2B, genB2A, disGA, disGB, disLA, disLB")
     p.add_argument("--out", required=True, help="our checkpoint file to write (.safetensors)")
     p.add_argument("--img-size", type=int, default=None, help="image size of a light model (default 256)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_import_official)
 
-    p = sub.add_parser("export-official", help="write our checkpoint in the official PyTorch layout")
+    p = sub.add_parser(
+        "export-official", allow_abbrev=False, help="write our checkpoint in the official PyTorch layout"
+    )
     p.add_argument("checkpoint", help="our checkpoint (.safetensors file, checkpoint folder or run folder)")
     p.add_argument("--out", required=True, help="official-layout file to write (.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export_official)
 
-    p = sub.add_parser("quickstart", help="make a synthetic dataset, train on it, translate, and report (minutes)")
+    p = sub.add_parser(
+        "quickstart", allow_abbrev=False, help="make a synthetic dataset, train on it, translate, and report (minutes)"
+    )
     p.add_argument("--out", default="quickstart_out", help="folder for everything it writes (default quickstart_out)")
     p.add_argument("--iterations", type=int, help="training steps (default: the cpu-small preset's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_quickstart)
 
-    p = sub.add_parser("train", help="train (or resume) a model on DATA/trainA and DATA/trainB")
+    p = sub.add_parser("train", allow_abbrev=False, help="train (or resume) a model on DATA/trainA and DATA/trainB")
     p.add_argument("data", help="dataset folder with trainA/ and trainB/ (testA/, testB/ optional)")
     p.add_argument("--run-dir", required=True, help="where checkpoints, samples and logs go; rerun to resume")
     p.add_argument("--preset", choices=list(PRESETS), help="paper (official defaults), light, cpu-small")
@@ -295,12 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("check-data", help="scan a dataset folder and list every unusable image with its reason")
+    p = sub.add_parser(
+        "check-data", allow_abbrev=False, help="scan a dataset folder and list every unusable image with its reason"
+    )
     p.add_argument("data", help="dataset folder with trainA/, trainB/ (and optionally testA/, testB/)")
     p.add_argument("--min-size", type=int, default=32, help="smallest usable shorter side in pixels (default 32)")
     p.set_defaults(func=cmd_check_data)
 
-    p = sub.add_parser("translate", help="translate images with a trained model")
+    p = sub.add_parser("translate", allow_abbrev=False, help="translate images with a trained model")
     p.add_argument("checkpoint", help="run folder (its latest checkpoint), checkpoint folder, model file, Hub-style "
                    "folder, or .onnx file")  # fmt: skip
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or glob patterns")
@@ -320,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_translate)
 
-    p = sub.add_parser("evaluate", help="KID and FID of a model's translations (or of any two image folders)")
+    p = sub.add_parser(
+        "evaluate", allow_abbrev=False, help="KID and FID of a model's translations (or of any two image folders)"
+    )
     p.add_argument("checkpoint", nargs="?", help="checkpoint to evaluate (translates DATA/testA and/or testB)")
     p.add_argument("data", nargs="?", help="dataset folder with testA/, testB/ (and trainA/, trainB/)")
     p.add_argument("--direction", default="both", choices=["A2B", "B2A", "both"])
@@ -340,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="write a model file for inference or deployment from a checkpoint")
+    p = sub.add_parser(
+        "export", allow_abbrev=False, help="write a model file for inference or deployment from a checkpoint"
+    )
     p.add_argument("checkpoint", help="run folder (its latest checkpoint), checkpoint folder or .safetensors file")
     p.add_argument("--out", required=True, help="file (or folder, for --format pretrained) to write")
     p.add_argument(

@@ -72,16 +72,24 @@ def resolve_configs(
     if overwrite or not list_checkpoints(run_dir):
         model, run = split_settings(requested)
         return ModelConfig(**model), RunConfig(**run)
+    _, run_settings = split_settings(requested)
     stored_model, stored_run = read_run_configs(run_dir)
-    stored = {**to_dict(stored_model), **to_dict(stored_run)}
-    changed = {k: v for k, v in requested.items() if stored.get(k) != v}
-    conflicts = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in changed.items() if k not in RESUMABLE]
+    _refuse_other_settings(run_dir, stored_model, stored_run, requested)
+    return stored_model, dataclasses.replace(stored_run, **run_settings)
+
+
+def _refuse_other_settings(
+    run_dir: str | os.PathLike, model: ModelConfig, run: RunConfig, requested: dict[str, Any]
+) -> None:
+    """A run resumes with its own settings but the resumable ones; anything else would silently be another run."""
+    stored = {**to_dict(model), **to_dict(run)}
+    changed = {k: v for k, v in requested.items() if stored.get(k) != v and k not in RESUMABLE}
+    conflicts = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in changed.items()]
     if conflicts:
         raise ConfigError(
             f"{run_dir} holds a run with other settings ({', '.join(conflicts)}): resume it with its own settings, "
             "pick another --run-dir, or pass --overwrite to delete it and start again"
         )
-    return stored_model, dataclasses.replace(stored_run, **changed)
 
 
 def _clear_run(run_dir: Path) -> None:
@@ -309,18 +317,6 @@ def _write_line(log: Any, entry: dict[str, Any]) -> None:
 # Starting, resuming and running
 
 
-def _check_stored(run_dir: Path, model: ModelConfig, run: RunConfig) -> None:
-    """A run folder with checkpoints resumes only with its own model and non-resumable run settings."""
-    stored_model, stored_run = read_run_configs(run_dir)
-    changed = [k for k, v in to_dict(run).items() if getattr(stored_run, k) != v and k not in RESUMABLE]
-    if stored_model != model or changed:
-        names = ", ".join(changed) if stored_model == model else "the model configuration"
-        raise ConfigError(
-            f"{run_dir} holds a run with other settings ({names}): resume it with its own settings (train.resolve_"
-            "configs), pick another run folder, or pass overwrite=True (--overwrite) to delete it and start again"
-        )
-
-
 def _scan_on_rank0(data_root: Path, model: ModelConfig, info: distributed.Dist, skip: bool, echo: Callable) -> dict:
     """Rank 0 decodes every image once; the others take its verdict (and its error, so that no rank hangs)."""
     scanned = None
@@ -491,7 +487,7 @@ def _start(
     distributed.barrier(info)
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
-        _check_stored(run_dir, model, run)
+        _refuse_other_settings(run_dir, *read_run_configs(run_dir), {**to_dict(model), **to_dict(run)})
     reports = _scan_on_rank0(data_root, model, info, skip_bad_images, echo)
     torch.manual_seed(run.seed)
     trainer = Trainer(model, run, dev, distributed=info.enabled)
