@@ -245,6 +245,22 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"every number and the protocol: {out}")
 
 
+def _command(sub: Any, name: str, func: Callable[[argparse.Namespace], int | None], help: str) -> Any:
+    """A subcommand's parser; it runs `func` (no option abbreviations: a retired flag must not match a new one)."""
+    parser = sub.add_parser(name, allow_abbrev=False, help=help)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="run folder (its latest checkpoint), checkpoint folder or model file")
+
+
+def _add_output(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--out", required=True, help=what)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
 def add_precision_options(parser: argparse.ArgumentParser) -> None:
     """--precision and --fast-dtype, spelled and meant as in training (`RunConfig`)."""
     parser.add_argument(
@@ -257,37 +273,32 @@ def add_precision_options(parser: argparse.ArgumentParser) -> None:
                         help="the fast path's compute dtype; auto: bf16 where the device has bf16 units")  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ugatit", description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--version", action="version", version=f"ugatit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser(
-        "import-official", allow_abbrev=False, help="convert a checkpoint of the official PyTorch code to ours"
+def _add_import_official_parser(sub: Any) -> None:
+    p = _command(
+        sub, "import-official", cmd_import_official, "convert a checkpoint of the official PyTorch code to ours"
     )
     p.add_argument("file", help="official checkpoint (.pt) holding genA2B, genB2A, disGA, disGB, disLA, disLB")
-    p.add_argument("--out", required=True, help="our checkpoint file to write (.safetensors)")
+    _add_output(p, "our checkpoint file to write (.safetensors)")
     p.add_argument("--img-size", type=int, default=None, help="image size of a light model (default 256)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=cmd_import_official)
 
-    p = sub.add_parser(
-        "export-official", allow_abbrev=False, help="write our checkpoint in the official PyTorch layout"
-    )
-    p.add_argument("checkpoint", help="our checkpoint (.safetensors file, checkpoint folder or run folder)")
-    p.add_argument("--out", required=True, help="official-layout file to write (.pt)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=cmd_export_official)
 
-    p = sub.add_parser(
-        "quickstart", allow_abbrev=False, help="make a synthetic dataset, train on it, translate, and report (minutes)"
+def _add_export_official_parser(sub: Any) -> None:
+    p = _command(sub, "export-official", cmd_export_official, "write our checkpoint in the official PyTorch layout")
+    _add_model(p)
+    _add_output(p, "official-layout file to write (.pt)")
+
+
+def _add_quickstart_parser(sub: Any) -> None:
+    p = _command(
+        sub, "quickstart", cmd_quickstart, "make a synthetic dataset, train on it, translate, and report (minutes)"
     )
     p.add_argument("--out", default="quickstart_out", help="folder for everything it writes (default quickstart_out)")
     p.add_argument("--iterations", type=int, help="training steps (default: the cpu-small preset's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_quickstart)
 
-    p = sub.add_parser("train", allow_abbrev=False, help="train (or resume) a model on DATA/trainA and DATA/trainB")
+
+def _add_train_parser(sub: Any) -> None:
+    p = _command(sub, "train", cmd_train, "train (or resume) a model on DATA/trainA and DATA/trainB")
     p.add_argument("data", help="dataset folder with trainA/ and trainB/ (testA/, testB/ optional)")
     p.add_argument("--run-dir", required=True, help="where checkpoints, samples and logs go; rerun to resume")
     p.add_argument("--preset", choices=list(PRESETS), help="paper (official defaults), light, cpu-small")
@@ -299,16 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--inception-weights", help="for --eval-every: pt_inception-2015-12-05-6726825d.pth")
     add_config_options(p)
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser(
-        "check-data", allow_abbrev=False, help="scan a dataset folder and list every unusable image with its reason"
+
+def _add_check_data_parser(sub: Any) -> None:
+    p = _command(
+        sub, "check-data", cmd_check_data, "scan a dataset folder and list every unusable image with its reason"
     )
     p.add_argument("data", help="dataset folder with trainA/, trainB/ (and optionally testA/, testB/)")
     p.add_argument("--min-size", type=int, default=32, help="smallest usable shorter side in pixels (default 32)")
-    p.set_defaults(func=cmd_check_data)
 
-    p = sub.add_parser("translate", allow_abbrev=False, help="translate images with a trained model")
+
+def _add_translate_parser(sub: Any) -> None:
+    p = _command(sub, "translate", cmd_translate, "translate images with a trained model")
     p.add_argument("checkpoint", help="run folder (its latest checkpoint), checkpoint folder, model file, Hub-style "
                    "folder, or .onnx file")  # fmt: skip
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or glob patterns")
@@ -326,11 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_precision_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_translate)
 
-    p = sub.add_parser(
-        "evaluate", allow_abbrev=False, help="KID and FID of a model's translations (or of any two image folders)"
-    )
+
+def _add_evaluate_parser(sub: Any) -> None:
+    p = _command(sub, "evaluate", cmd_evaluate, "KID and FID of a model's translations (or of any two image folders)")
     p.add_argument("checkpoint", nargs="?", help="checkpoint to evaluate (translates DATA/testA and/or testB)")
     p.add_argument("data", nargs="?", help="dataset folder with testA/, testB/ (and trainA/, trainB/)")
     p.add_argument("--direction", default="both", choices=["A2B", "B2A", "both"])
@@ -348,13 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_options(p)
     p.add_argument("--device", default="auto", choices=DEVICE_NAMES)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser(
-        "export", allow_abbrev=False, help="write a model file for inference or deployment from a checkpoint"
-    )
-    p.add_argument("checkpoint", help="run folder (its latest checkpoint), checkpoint folder or .safetensors file")
-    p.add_argument("--out", required=True, help="file (or folder, for --format pretrained) to write")
+
+def _add_export_parser(sub: Any) -> None:
+    p = _command(sub, "export", cmd_export, "write a model file for inference or deployment from a checkpoint")
+    _add_model(p)
+    _add_output(p, "file (or folder, for --format pretrained) to write")
     p.add_argument(
         "--format", default="safetensors", choices=["safetensors", "onnx", "pretrained"],
         help="safetensors (ours), onnx (one direction, needs ugatit[onnx]), pretrained (Hub-style folder)",
@@ -364,8 +375,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", action="store_true", help="onnx: add the attention heatmap as a second output")
     p.add_argument("--uint8", action="store_true", help="onnx: uint8 RGB in and out instead of floats in [-1, 1]")
     p.add_argument("--opset", type=int, default=None, help="onnx: opset version (default 17)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=cmd_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ugatit", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"ugatit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (
+        _add_import_official_parser,
+        _add_export_official_parser,
+        _add_quickstart_parser,
+        _add_train_parser,
+        _add_check_data_parser,
+        _add_translate_parser,
+        _add_evaluate_parser,
+        _add_export_parser,
+    ):
+        add(sub)
     return parser
 
 

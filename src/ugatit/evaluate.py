@@ -45,7 +45,9 @@ FeaturesOf = Callable[[Sequence[Path]], np.ndarray]
 
 @dataclass(frozen=True)
 class KIDSettings:
-    """Estimator settings; the defaults are torch-fidelity's and the U-GAT-IT authors' (docs/kid-protocol.md)."""
+    """Estimator settings; the defaults are torch-fidelity's and the U-GAT-IT authors' (docs/kid-protocol.md):
+    `n_subsets` draws of `subset_size` rows (seeded by `seed`) for the subset KID, blocks of at most
+    `max_block_size` rows for the block KID."""
 
     n_subsets: int = 100
     subset_size: int = 1000
@@ -249,12 +251,12 @@ def evaluate_checkpoint(
     weights: Weights = None,
     out_dir: str | os.PathLike | None = None,
     *,
+    precision: str = "exact",
+    fast_dtype: str = "auto",
     settings: KIDSettings = KIDSettings(),
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     progress: bool = True,
-    precision: str = "exact",
-    fast_dtype: str = "auto",
 ) -> dict[str, Any]:
     """Translate DATA/testA (A2B; DATA/testB for B2A) with the checkpoint and score the translations against the
     target domain's real images (DATA/testB, or DATA/trainB with real_split="train"); mean KID uses the

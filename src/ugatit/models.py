@@ -30,11 +30,15 @@ def generator_name(direction: str) -> str:
     return DIRECTIONS[direction]
 
 
-def class_activation(x: torch.Tensor, gap_fc: nn.Module, gmp_fc: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CAM block: logits from pooled features, and the feature map re-weighted by each classifier's weight.
+def class_activation(
+    x: torch.Tensor, gap_fc: nn.Module, gmp_fc: nn.Module, conv1x1: nn.Module, activation: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CAM block of both networks: (attended features, cam_logit, heatmap).
 
-    Returns both re-weighted maps concatenated (2C channels) and the B x 2 logits. The weights are the raw ones, as
-    in the official code (for a spectrally normalised classifier, not W / sigma). The operations run in the official
+    The two classifiers' logits come from globally average- and max-pooled features; the feature map re-weighted by
+    each classifier's weight, both maps concatenated (2C channels), goes through the 1x1 convolution back to C
+    channels and the activation; the heatmap is the channel sum of the result. The weights are the raw ones, as in
+    the official code (for a spectrally normalised classifier, not W / sigma). The operations run in the official
     order, which fixes the order in which autograd sums the gradients reaching `x`.
     """
     batch = x.shape[0]
@@ -42,7 +46,8 @@ def class_activation(x: torch.Tensor, gap_fc: nn.Module, gmp_fc: nn.Module) -> t
     gap = x * raw_weight(gap_fc)[:, :, None, None]
     gmp_logit = gmp_fc(F.adaptive_max_pool2d(x, 1).view(batch, -1))
     gmp = x * raw_weight(gmp_fc)[:, :, None, None]
-    return torch.cat([gap, gmp], 1), torch.cat([gap_logit, gmp_logit], 1)
+    x = activation(conv1x1(torch.cat([gap, gmp], 1)))
+    return x, torch.cat([gap_logit, gmp_logit], 1), torch.sum(x, dim=1, keepdim=True)
 
 
 def conv_block(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> list[nn.Module]:
@@ -127,10 +132,7 @@ class ResnetGenerator(nn.Module):
         self.UpBlock2 = nn.Sequential(*up)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.DownBlock(x)
-        x, cam_logit = class_activation(x, self.gap_fc, self.gmp_fc)
-        x = self.relu(self.conv1x1(x))
-        heatmap = torch.sum(x, dim=1, keepdim=True)
+        x, cam_logit, heatmap = class_activation(self.DownBlock(x), self.gap_fc, self.gmp_fc, self.conv1x1, self.relu)
 
         style = F.adaptive_avg_pool2d(x, 1) if self.light else x
         style = self.FC(style.reshape(x.shape[0], -1))
@@ -170,10 +172,7 @@ class Discriminator(nn.Module):
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.model(x)
-        x, cam_logit = class_activation(x, self.gap_fc, self.gmp_fc)
-        x = self.leaky_relu(self.conv1x1(x))
-        heatmap = torch.sum(x, dim=1, keepdim=True)
+        x, cam_logit, heatmap = class_activation(self.model(x), self.gap_fc, self.gmp_fc, self.conv1x1, self.leaky_relu)
         return self.conv(self.pad(x)), cam_logit, heatmap
 
 
