@@ -30,7 +30,7 @@ def _resumable(default: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The architecture (docs/spec.md section 1) and the input framing the networks were trained on."""
+    """The architecture (docs/spec.md sections 1 and 2) and the input framing the networks were trained on."""
 
     img_size: int = 256
     ch: int = 64

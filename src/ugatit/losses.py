@@ -1,4 +1,4 @@
-"""The U-GAT-IT objective (docs/spec.md section 2): LSGAN, cycle, identity and CAM losses.
+"""The U-GAT-IT objective (docs/spec.md section 3.2): LSGAN, cycle, identity and CAM losses.
 
 Functions of network outputs (which networks run on what is the update rule's business: `trainer.py`). Term names
 follow the official code (`D_ad_loss_GA`, `G_cam_loss_A`, ...) so that logs can be read side by side with it. Every

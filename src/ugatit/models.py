@@ -1,4 +1,4 @@
-"""The U-GAT-IT networks (docs/spec.md section 1): the ResNet generator with CAM attention and AdaILN, and the
+"""The U-GAT-IT networks (docs/spec.md sections 1 and 2): the ResNet generator with CAM attention and AdaILN, and the
 CAM discriminator with spectral norm.
 
 Plain `nn` modules with the official module and key names (`DownBlock`, `UpBlock1_1`, `UpBlock2`, `FC`, ...), so that

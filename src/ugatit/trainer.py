@@ -1,6 +1,6 @@
 """One U-GAT-IT training iteration: the six networks, their two Adam optimizers, and the update rule.
 
-`Trainer.train_step` is the official update (docs/spec.md section 2) with savings that leave every number unchanged:
+`Trainer.train_step` is the official update (docs/spec.md section 3) with savings that leave every number unchanged:
 the two translations of the real batches are computed once and shared by the discriminator update (detached) and
 the generator update (6 generator passes per step instead of 8, and no backward through the generators in the D
 update), and the discriminators' weight gradients are not computed in the G update. The discriminator update runs
