@@ -229,6 +229,17 @@ def test_cli_translate_fast(tmp_path, capsys):
     assert not (tmp_path / "o2").exists()
 
 
+def test_cli_retired_fast_flag_names_its_new_spelling(tmp_path, capsys):
+    """`translate --fast` (before --precision) is refused with the new spelling, not read as --fast-dtype."""
+    from ugatit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*_translate_args(tmp_path), "--out", str(tmp_path / "out"), "--fast"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "ugatit translate: error: --fast is spelled --precision fast now"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("calls", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("training", [True, False])

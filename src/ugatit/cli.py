@@ -246,8 +246,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _command(sub: Any, name: str, func: Callable[[argparse.Namespace], int | None], help: str) -> Any:
-    """A subcommand's parser; it runs `func` (no option abbreviations: a retired flag must not match a new one)."""
-    parser = sub.add_parser(name, allow_abbrev=False, help=help)
+    """A subcommand's parser, which runs `func`."""
+    parser = sub.add_parser(name, help=help)
     parser.set_defaults(func=func)
     return parser
 
@@ -261,8 +261,16 @@ def _add_output(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
+class _Retired(argparse.Action):
+    """A flag of an earlier version: refused with its new spelling, rather than read as an abbreviation."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        parser.error(f"{self.option_strings[0]} is spelled {self.const} now")
+
+
 def add_precision_options(parser: argparse.ArgumentParser) -> None:
     """--precision and --fast-dtype, spelled and meant as in training (`RunConfig`)."""
+    parser.add_argument("--fast", nargs=0, action=_Retired, const="--precision fast", help=argparse.SUPPRESS)
     parser.add_argument(
         "--precision",
         default="exact",
@@ -378,7 +386,7 @@ def _add_export_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ugatit", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="ugatit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ugatit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (

@@ -87,7 +87,8 @@ def lean(net: nn.Module) -> nn.Module:
 
 
 def apply(net: nn.Module) -> nn.Module:
-    """Swap every fast kernel into `net` (a generator or a discriminator of `ugatit.models`), in place."""
+    """Swap every fast kernel into `net` (a generator or a discriminator of `ugatit.models`), in place. Earlier
+    swaps are undone first, so `checkpoint` goes after it."""
     remove(net)
     discriminator = _is_discriminator(net)
     if not discriminator:
