@@ -401,6 +401,7 @@ def _loop(run: Run, last: int, progress: bool) -> bool:
     come at their intervals, and a checkpoint at the end."""
     trainer, cfg, info, dev = run.trainer, run.run, run.info, run.trainer.device
     bar = tqdm(total=last, initial=trainer.step, disable=not (progress and run.main), unit="step", dynamic_ncols=True)
+    run.started = time.time()  # the log's "time": seconds since the loop (re)started
     with open(run.folder / LOG_FILE, "a") if run.main else open(os.devnull, "w") as log, _StopRequest() as stop:
         while trainer.step < last and not distributed.any_rank(info, stop.requested, dev):
             waiting = time.perf_counter()
