@@ -178,18 +178,20 @@ def describe_source(given: str | os.PathLike, file: Path) -> str:
     return str(given)
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    file = resolve_model(path)
+def _open(file: Path) -> Any:
     try:
-        with safe_open(file, framework="pt") as f:
-            return f.metadata() or {}
+        return safe_open(file, framework="pt")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{file}: not a ugatit checkpoint (not a safetensors file: {exc})") from None
 
 
-def read_model_config(path: str | os.PathLike) -> ModelConfig:
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     file = resolve_model(path)
-    metadata = read_metadata(file)
+    with _open(file) as f:
+        return f.metadata() or {}
+
+
+def _model_config(file: Path, metadata: dict[str, str]) -> ModelConfig:
     stored = metadata.get("model_config", metadata.get("config"))  # "config": written before the split
     if metadata.get("format") != "ugatit" or stored is None:
         raise CheckpointError(f"{file}: not a ugatit checkpoint (no embedded config)")
@@ -199,13 +201,18 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{file}: its embedded config is unusable ({exc})") from None
 
 
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    file = resolve_model(path)
+    return _model_config(file, read_metadata(file))
+
+
 def load_model(
     path: str | os.PathLike, networks: Iterable[str] | None = None
 ) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]]]:
     """Read a model file: its model config and the state_dicts of `networks` (all stored ones by default)."""
     file = resolve_model(path)
-    config = read_model_config(file)
-    with safe_open(file, framework="pt") as f:
+    with _open(file) as f:
+        config = _model_config(file, f.metadata() or {})
         stored = {key.partition(".")[0] for key in f.keys()}
         wanted = list(networks) if networks is not None else [n for n in NETWORKS if n in stored]
         missing = [n for n in wanted if n not in stored]
@@ -217,15 +224,14 @@ def load_model(
     return config, {name: states[name] for name in wanted}
 
 
-def load_networks(path: str | os.PathLike, nets: dict[str, torch.nn.Module]) -> None:
-    """Load the stored weights of each of `nets` (keyed by network name) into it; a mismatch names the file."""
-    _, states = load_model(path, list(nets))
+def fit_states(nets: dict[str, torch.nn.Module], states: dict[str, dict[str, torch.Tensor]], source: Path) -> None:
+    """Load each of `nets` (keyed by network name) with its state; a mismatch names the file it came from."""
     for name, net in nets.items():
         try:
             net.load_state_dict(states[name])
         except RuntimeError as exc:
             first_line = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"{path}: {name} does not fit its embedded config ({first_line})") from None
+            raise CheckpointError(f"{source}: {name} does not fit its embedded config ({first_line})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,7 +282,8 @@ def save_checkpoint(trainer: Any, run_dir: str | os.PathLike, extra: dict[str, A
 def load_checkpoint(trainer: Any, checkpoint: str | os.PathLike, rank: int = 0) -> dict[str, Any]:
     """Restore a trainer's networks, optimizers, step and this rank's RNG states; returns the saved state."""
     checkpoint = Path(checkpoint)
-    load_networks(checkpoint, trainer.nets)
+    _, states = load_model(checkpoint, list(trainer.nets))
+    fit_states(trainer.nets, states, checkpoint)
     try:
         state = torch.load(checkpoint / STATE_FILE, map_location=trainer.device, weights_only=True)
     except Exception as exc:  # a damaged file: say which and stop, rather than train from a wrong state

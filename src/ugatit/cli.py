@@ -42,10 +42,14 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
 
 
-def _announce(path: str) -> None:
-    """Say which checkpoint a run folder stands for (its latest), so that the user knows what was used."""
-    if is_run_folder(path):
-        print(f"using {describe_source(path, resolve_model(path))}")
+def _model_path(path: str) -> str:
+    """The model a path names: a run folder's latest checkpoint, said aloud, resolved once so that the checkpoint
+    announced is the one used (training may save another meanwhile); any other path as it is."""
+    if not is_run_folder(path):
+        return path
+    file = resolve_model(path)
+    print(f"using {describe_source(path, file)}")
+    return str(file)
 
 
 def cmd_import_official(args: argparse.Namespace) -> None:
@@ -65,7 +69,7 @@ def cmd_export_official(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     _refuse_existing(out, args.overwrite)
-    _announce(args.checkpoint)
+    args.checkpoint = _model_path(args.checkpoint)
     config, states = load_model(args.checkpoint, NETWORKS)
     save_official(states, config, out)
     print(f"wrote official-layout checkpoint {out}")
@@ -163,7 +167,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     _refuse_existing(out, args.overwrite)
-    _announce(args.checkpoint)
+    args.checkpoint = _model_path(args.checkpoint)
     if args.format == "onnx":
         from .export import export_onnx
 
@@ -194,7 +198,7 @@ def cmd_translate(args: argparse.Namespace) -> None:
 
     if args.precision != "exact" and args.backend != "torch":
         raise ConfigError("--precision fast is the torch backend's; drop it with --backend onnxruntime")
-    _announce(args.checkpoint)
+    args.checkpoint = _model_path(args.checkpoint)
     translator = load_translator(
         args.checkpoint, args.direction, backend=args.backend, device=args.device,
         precision=args.precision, fast_dtype=args.fast_dtype,
@@ -235,7 +239,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             raise ConfigError(
                 f"--real {real!r}: with a checkpoint it names the split of the real images, test or train"
             )
-        _announce(args.checkpoint)
+        args.checkpoint = _model_path(args.checkpoint)
         results = evaluate_checkpoint(
             args.checkpoint, args.data, args.direction, real, args.inception_weights, args.translations, **common,
             precision=args.precision, fast_dtype=args.fast_dtype,
@@ -270,7 +274,6 @@ class _Retired(argparse.Action):
 
 def add_precision_options(parser: argparse.ArgumentParser) -> None:
     """--precision and --fast-dtype, spelled and meant as in training (`RunConfig`)."""
-    parser.add_argument("--fast", nargs=0, action=_Retired, const="--precision fast", help=argparse.SUPPRESS)
     parser.add_argument(
         "--precision",
         default="exact",
@@ -346,6 +349,7 @@ def _add_translate_parser(sub: Any) -> None:
         "--backend", default="torch", choices=["torch", "onnxruntime"], help="onnxruntime needs ugatit[onnx]"
     )
     add_precision_options(p)
+    p.add_argument("--fast", nargs=0, action=_Retired, const="--precision fast", help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

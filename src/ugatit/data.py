@@ -152,8 +152,9 @@ def _problem(path: Path, min_size: int) -> str | None:
     return None
 
 
-def _parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    """Threads suffice: PIL releases the GIL while decoding."""
+def parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """`fn` over `items` on LOAD_THREADS threads, results in order: threads suffice, PIL releases the GIL while
+    decoding."""
     with ThreadPoolExecutor(LOAD_THREADS) as pool:
         return list(pool.map(fn, items))
 
@@ -162,7 +163,7 @@ def scan_folder(folder: str | os.PathLike, min_size: int) -> FolderReport:
     """Fully decode every file under ``folder`` and split them into usable and bad ones."""
     paths = list_images(folder)
     report = FolderReport(Path(folder))
-    for path, problem in zip(paths, _parallel_map(partial(_problem, min_size=min_size), paths), strict=True):
+    for path, problem in zip(paths, parallel_map(partial(_problem, min_size=min_size), paths), strict=True):
         if problem is None:
             report.good.append(path)
         else:
@@ -295,7 +296,7 @@ class UnpairedImageDataset(Dataset):
         self.margin = margin
         if cache == "auto":
             cache = _decoded_bytes(self.paths) <= CACHE_LIMIT_BYTES
-        self.images = _parallel_map(lambda p: np.asarray(load_rgb(p)), self.paths) if cache else None
+        self.images = parallel_map(lambda p: np.asarray(load_rgb(p)), self.paths) if cache else None
 
     @property
     def cached(self) -> bool:
@@ -319,7 +320,7 @@ def _decoded_bytes(paths: Sequence[Path]) -> int:
         with Image.open(path) as img:
             return img.width * img.height * 3
 
-    return sum(_parallel_map(nbytes, paths))
+    return sum(parallel_map(nbytes, paths))
 
 
 # ----------------------------------------------------------------------------------------------

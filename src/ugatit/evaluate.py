@@ -31,7 +31,7 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import atomic_write, read_model_config
 from .config import check_precision, to_dict
-from .data import LOAD_THREADS, DataError, eval_transform, list_images, load_rgb, to_uint8
+from .data import LOAD_THREADS, DataError, eval_transform, list_images, load_rgb, parallel_map, to_uint8
 from .inception import FEATURE_DIM, WEIGHTS_NAME, InceptionFeatures
 from .inference import Translator, default_batch_size, translate_files
 from .metrics import fid, kid_blocks, kid_subsets, mean_kid, mmd2_unbiased
@@ -388,8 +388,7 @@ class KIDTracker:
     def _source(self, domain: str, img_size: int, keep_aspect: bool) -> torch.Tensor:
         key = (img_size, keep_aspect, domain)
         if key not in self._inputs:
-            with ThreadPoolExecutor(LOAD_THREADS) as pool:
-                images = list(pool.map(load_rgb, self.paths[domain]))
+            images = parallel_map(load_rgb, self.paths[domain])
             self._inputs[key] = torch.stack([eval_transform(image, img_size, keep_aspect) for image in images])
         return self._inputs[key]
 

@@ -23,7 +23,16 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import CONFIG_FILE, MODEL_FILE, atomic_write, load_model, read_metadata, save_model, write_json
+from .checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    atomic_write,
+    load_model,
+    read_metadata,
+    resolve_model,
+    save_model,
+    write_json,
+)  # fmt: skip
 from .config import ModelConfig, model_config_from_dict, to_dict
 from .extras import require
 from .inference import Translator
@@ -56,8 +65,9 @@ def _collect(
     names = [generator_name(d) for d in directions]
     if hasattr(source, "nets"):
         return source.model, {name: source.nets[name].state_dict() for name in names}, directions, str(source.step)
-    config, states = load_model(source, names)
-    return config, states, directions, read_metadata(source).get("step")
+    file = resolve_model(source)  # once: a run folder may gain a checkpoint meanwhile
+    config, states = load_model(file, names)
+    return config, states, directions, read_metadata(file).get("step")
 
 
 def _cell(value: Any) -> str:

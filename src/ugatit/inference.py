@@ -26,9 +26,9 @@ from torch import nn
 from tqdm import tqdm
 
 from . import fast
-from .checkpoint import describe_source, load_networks, read_model_config, resolve_model
+from .checkpoint import describe_source, fit_states, load_model, resolve_model
 from .config import ModelConfig, check_precision
-from .data import LOAD_THREADS, eval_transform, list_images, load_rgb, to_image
+from .data import LOAD_THREADS, eval_transform, list_images, load_rgb, parallel_map, to_image
 from .models import build_generator, generator_name
 from .visualize import overlay_heatmap, save_image
 
@@ -162,9 +162,9 @@ class Translator(ImageTranslator):
         """
         name = generator_name(direction)
         file = resolve_model(path)
-        config = read_model_config(file)
+        config, states = load_model(file, [name])
         generator = build_generator(config)
-        load_networks(file, {name: generator})
+        fit_states({name: generator}, states, file)
         source = describe_source(path, file)
         return cls(generator.to(device), config, direction, batch_size, precision, fast_dtype, source)
 
@@ -278,9 +278,8 @@ def _check_outputs(jobs: list[Job], overwrite: bool) -> None:
 
 def _check_readable(jobs: list[Job]) -> None:
     """Fully decode every input now, so a corrupt one stops the job before any output is written."""
-    with ThreadPoolExecutor(LOAD_THREADS) as pool:
-        # Raises the first BadImageError in input order; keeping only sizes bounds the memory used.
-        list(pool.map(lambda job: load_rgb(job.source).size, jobs))
+    # Raises the first BadImageError in input order; keeping only sizes bounds the memory used.
+    parallel_map(lambda job: load_rgb(job.source).size, jobs)
 
 
 def translate_files(

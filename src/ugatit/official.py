@@ -141,7 +141,7 @@ def official_to_ours(
             if tuple(value.shape) != want:
                 raise CheckpointError(
                     f"{name}.{_to_official(key)} has shape {tuple(value.shape)}, "
-                    f"expected {want} for {_describe(config)}"
+                    f"expected {want} for {config.describe()}"
                 )
         ours[name] = {k: v.to(torch.float32).contiguous() for k, v in converted.items()}
     return ours
@@ -149,11 +149,6 @@ def official_to_ours(
 
 def _more(keys: list[str]) -> str:
     return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-
-
-def _describe(config: ModelConfig) -> str:
-    mode = "light" if config.light else "full"
-    return f"ch={config.ch}, n_res={config.n_res}, {mode}, img_size={config.img_size}"
 
 
 def ours_to_official(

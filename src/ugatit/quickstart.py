@@ -72,7 +72,7 @@ def _report(out: Path, config: ModelConfig, scores: dict[str, dict], seconds: di
     grids = [g for g in grids if g is not None]
     intro = [
         "Domain A: warm shapes on light backgrounds. Domain B: textured cool shapes on dark backgrounds.",
-        f"Model: {config.img_size} px, ch {config.ch}, n_res {config.n_res}, light, preset cpu-small; "
+        f"Model: {config.describe()}, preset cpu-small; "
         f"{step} training steps in {seconds['train']:.0f} s ({seconds['total']:.0f} s in all).",
         "Columns: the test images themselves (no translation), the untrained model, the trained model. A model that "
         "learned turns most images into the other domain (high 'judged' rate) and keeps their shapes (high IoU).",
