@@ -404,6 +404,19 @@ def test_evaluate_checkpoint_both_directions(model, tiny_run, tmp_path):
     assert format_table(results).splitlines()[1].startswith("A2B")
 
 
+def test_evaluate_a_model_of_the_tf_architecture(model, tiny_run, tmp_path):
+    """A TF-architecture model (what `import-tf` writes) evaluates like any other: translated at its own size."""
+    _, data, _, _ = tiny_run
+    config = ModelConfig(img_size=32, ch=4, n_res=1, light=True, global_layers=4, local_layers=3, arch="official-tf")
+    torch.manual_seed(0)
+    nets = build_networks(config)
+    save_model(tmp_path / "tf.safetensors", {name: net.state_dict() for name, net in nets.items()}, config)
+    results = evaluate_checkpoint(tmp_path / "tf.safetensors", data, "A2B", weights=model,
+                                  settings=KIDSettings(n_subsets=5, max_block_size=4), progress=False)  # fmt: skip
+    assert results["directions"]["A2B"]["n_fake"] == 5 and results["config"]["arch"] == "official-tf"
+    assert np.isfinite(results["directions"]["A2B"]["kid"]["mean"])
+
+
 def test_evaluate_checkpoint_against_train_images_in_a_temporary_folder(model, tiny_run, tmp_path):
     checkpoint, data, _, _ = tiny_run
     results = evaluate_checkpoint(checkpoint, data, "A2B", real_split="train", weights=model, progress=False)

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from . import __version__
 from .config import ConfigError, ModelConfig, model_config_from_dict, model_config_to_json
@@ -126,13 +126,34 @@ def unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
     return states
 
 
+def write_safetensors(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """float32 tensors in the safetensors format (little-endian header length, JSON header padded to 8 bytes, raw
+    data), written a tensor at a time from its own memory: `safetensors.torch.save_file` first copies every tensor
+    into one buffer, which doubles the memory that saving a large model needs."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype != torch.float32 or not tensor.is_contiguous():
+            raise ValueError(f"{name}: write_safetensors takes contiguous float32 tensors")
+        size = tensor.numel() * 4
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for tensor in tensors.values():
+            f.write(memoryview(tensor.numpy().reshape(-1)).cast("B"))
+
+
 def save_model(
     path: str | os.PathLike, states: dict[str, dict[str, torch.Tensor]], config: ModelConfig, **meta: str
 ) -> None:
     """Write network state_dicts and their model config to one safetensors file, atomically."""
     tensors = flatten(states)
     metadata = {"format": "ugatit", "ugatit_version": __version__, "model_config": model_config_to_json(config), **meta}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:

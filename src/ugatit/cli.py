@@ -22,11 +22,12 @@ from .devices import DEVICE_NAMES, DeviceError
 from .export import ExportError
 from .extras import require
 from .inception import InceptionWeightsError
+from .tf_checkpoint import TFCheckpointError
 
 # ImportError: an optional extra that is not installed (the message names the pip command).
 USER_ERRORS = (
     InceptionWeightsError, CheckpointError, ConfigError, DataError, BadImageError, ExportError, DeviceError,
-    FileExistsError, FileNotFoundError, ImportError,
+    FileExistsError, FileNotFoundError, ImportError, TFCheckpointError,
 )  # fmt: skip
 
 
@@ -63,6 +64,18 @@ def cmd_import_official(args: argparse.Namespace) -> None:
     print(f"imported {args.file}: {mode}, ch={config.ch}, n_res={config.n_res}, img_size={config.img_size} -> {out}")
 
 
+def cmd_import_tf(args: argparse.Namespace) -> None:
+    from .tf_import import describe_import, import_tf
+
+    out = Path(args.out)
+    _refuse_existing(out, args.overwrite)
+    report = import_tf(
+        args.path, out, generators_only=args.generators_only, rho_smoothing=args.rho_smoothing,
+        img_size=args.img_size, verify=True if args.verify else "auto", progress=not args.no_progress,
+    )  # fmt: skip
+    print("\n".join(describe_import(report, args.path, out)))
+
+
 def cmd_export_official(args: argparse.Namespace) -> None:
     from .models import NETWORKS
     from .official import save_official
@@ -91,7 +104,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             flag = "--" + f.name.replace("_", "-")
             resumable = ", may change on resume" if f.metadata.get("resumable") else ""
             help_text = f"default {getattr(defaults, f.name)!r}{resumable}"
-            if f.type == "bool":
+            if f.type in ("bool", "bool | None"):
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             else:
                 kind = _TYPES[str(f.type)]
@@ -132,7 +145,9 @@ def requested_config(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> None:
     from .train import resolve_configs, train
 
-    model, run = resolve_configs(args.run_dir, requested_config(args), overwrite=args.overwrite)
+    if args.init_from:
+        args.init_from = _model_path(args.init_from)
+    model, run = resolve_configs(args.run_dir, requested_config(args), args.overwrite, args.init_from)
     print(
         f"training {args.data} -> {args.run_dir}: {model.describe()}, {run.iterations} iterations, "
         f"batch {run.batch_size}, precision {run.precision}"
@@ -140,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(
         model, run, args.data, args.run_dir, device=args.device, overwrite=args.overwrite,
         skip_bad_images=args.skip_bad_images, until=args.until, progress=not args.no_progress,
-        inception_weights=args.inception_weights,
+        inception_weights=args.inception_weights, init_from=args.init_from,
     )  # fmt: skip
 
 
@@ -293,6 +308,20 @@ def _add_import_official_parser(sub: Any) -> None:
     p.add_argument("--img-size", type=int, default=None, help="image size of a light model (default 256)")
 
 
+def _add_import_tf_parser(sub: Any) -> None:
+    p = _command(sub, "import-tf", cmd_import_tf, "convert a checkpoint of the official TensorFlow code (the authors' "
+                 "released models) to ours")  # fmt: skip
+    p.add_argument("path", help="the TF checkpoint folder (its `checkpoint` file names the latest) or a bundle prefix "
+                   "such as .../UGATIT.model-1000000")  # fmt: skip
+    _add_output(p, "our model file to write (.safetensors)")
+    p.add_argument("--generators-only", action="store_true", help="only genA2B and genB2A, for translation")
+    p.add_argument("--rho-smoothing", action=argparse.BooleanOptionalAction, default=None,
+                   help="AdaILN rho smoothing (default: as the folder name says; _smoothing means on)")  # fmt: skip
+    p.add_argument("--img-size", type=int, default=None, help="image size of a light model (default 256)")
+    p.add_argument("--verify", action="store_true", help="check every tensor's crc32c, large ones too (slower)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _add_export_official_parser(sub: Any) -> None:
     p = _command(sub, "export-official", cmd_export_official, "write our checkpoint in the official PyTorch layout")
     _add_model(p)
@@ -320,6 +349,8 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument("--until", type=int, help="stop after this step (with a checkpoint), before --iterations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--inception-weights", help="for --eval-every: pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--init-from", help="start a new run from this model's weights (fine-tuning; fresh optimizers): "
+                   "a model file, e.g. one from import-tf, a checkpoint or a run folder")  # fmt: skip
     add_config_options(p)
 
 
@@ -395,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (
         _add_import_official_parser,
+        _add_import_tf_parser,
         _add_export_official_parser,
         _add_quickstart_parser,
         _add_train_parser,

@@ -18,6 +18,9 @@ from typing import Any
 # The fast path's compute dtypes by name; "auto" resolves per device (fast.precision.resolve_dtype).
 FAST_DTYPES = ("auto", "bfloat16", "float32")
 PRECISIONS = ("exact", "fast")
+# "official": the networks of the official PyTorch code (models.py); "official-tf": those of the official TensorFlow
+# code (tf_models.py), which the authors' released checkpoints need.
+ARCHS = ("official", "official-tf")
 
 
 class ConfigError(ValueError):
@@ -41,8 +44,18 @@ class ModelConfig:
     # Inputs are resized to img_size (the official transform), or with keep_aspect their shorter side is, then
     # centre-cropped: translation must frame images as training did.
     keep_aspect: bool = False
+    arch: str = "official"
+    # official-tf only: AdaILN mixes with clip(rho - 0.1, 0, 1), the TF code's `smoothing` (on there by default, and
+    # in the released models). None means the architecture's default.
+    rho_smoothing: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch={self.arch!r} must be one of: {', '.join(ARCHS)}")
+        if self.rho_smoothing is None:
+            object.__setattr__(self, "rho_smoothing", self.arch == "official-tf")
+        elif self.rho_smoothing and self.arch != "official-tf":
+            raise ConfigError("rho_smoothing is part of the TensorFlow architecture: use it with arch='official-tf'")
         _check_positive(self, ("img_size", "ch", "n_res"))
         if self.img_size % 4 != 0 or self.img_size < 8:
             raise ConfigError(
@@ -53,16 +66,19 @@ class ModelConfig:
             layers = getattr(self, name)
             if layers < 3:
                 raise ConfigError(f"{name}={layers}: a discriminator needs at least 3 layers")
-            need = min_image_size(layers)
+            need = min_image_size(layers, self.arch)
             if self.img_size < need:
                 raise ConfigError(
-                    f"img_size={self.img_size} is too small for {name}={layers}: it needs img_size >= {need}; "
-                    f"use img_size >= {need} or {name} <= {max_layers(self.img_size)}"
+                    f"img_size={self.img_size} is too small for {name}={layers} ({self.arch}): it needs img_size >= "
+                    f"{need}; use img_size >= {need} or {name} <= {max_layers(self.img_size, self.arch)}"
                 )
 
     def describe(self) -> str:
         mode = "light" if self.light else "full"
-        return f"{self.img_size} px, ch {self.ch}, n_res {self.n_res}, {mode}"
+        arch = (
+            "" if self.arch == "official" else f", {self.arch}" + (" with rho smoothing" if self.rho_smoothing else "")
+        )
+        return f"{self.img_size} px, ch {self.ch}, n_res {self.n_res}, {mode}{arch}"
 
 
 @dataclass(frozen=True)
@@ -171,35 +187,38 @@ def model_config_to_json(config: ModelConfig) -> str:
     return json.dumps(to_dict(config), sort_keys=True)
 
 
-def _disc_output_size(img_size: int, layers: int) -> int:
+def _disc_output_size(img_size: int, layers: int, arch: str = "official") -> int:
     """Patch-logit side length of a discriminator with `layers` layers, or 0 if some layer cannot run.
 
-    Every conv is preceded by a reflection pad of 1, which needs an input of at least 2 pixels.
+    Every conv is preceded by a reflection pad, which must be smaller than its input. The stride-2 convs pad 1 on
+    each side; the two stride-1 4x4 convs (before the CAM, and the logits) pad 1 on each side in the official
+    PyTorch code, shrinking the map by 1, and 1 before and 2 after in the TF code, keeping its size.
     """
     size = img_size
     for _ in range(layers - 2):  # stride-2 convs, k4, pad 1
         if size < 2:
             return 0
         size = (size + 2 - 4) // 2 + 1
-    for _ in range(2):  # the stride-1 conv before the CAM and the final logit conv, k4, pad 1
-        if size < 2:
+    after = 2 if arch == "official-tf" else 1
+    for _ in range(2):  # the stride-1 conv before the CAM and the final logit conv, k4
+        if size < after + 1:
             return 0
-        size = size + 2 - 4 + 1
+        size = size + 1 + after - 4 + 1
     return max(size, 0)
 
 
-def min_image_size(layers: int) -> int:
+def min_image_size(layers: int, arch: str = "official") -> int:
     """Smallest multiple of 4 on which a discriminator of `layers` layers produces at least one logit."""
     size = 8
-    while _disc_output_size(size, layers) < 1:
+    while _disc_output_size(size, layers, arch) < 1:
         size += 4
     return size
 
 
-def max_layers(img_size: int) -> int:
+def max_layers(img_size: int, arch: str = "official") -> int:
     """Deepest discriminator that still runs on `img_size` pixels (at least 3)."""
     layers = 3
-    while _disc_output_size(img_size, layers + 1) >= 1:
+    while _disc_output_size(img_size, layers + 1, arch) >= 1:
         layers += 1
     return layers
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import tf_models
 from .config import ModelConfig
 from .norms import ILN, AdaILN, raw_weight, spectral_norm
 
@@ -176,14 +177,23 @@ class Discriminator(nn.Module):
         return self.conv(self.pad(x)), cam_logit, heatmap
 
 
-def build_generator(config: ModelConfig) -> ResnetGenerator:
+def build_generator(config: ModelConfig) -> nn.Module:
+    """A generator of `config.arch`: the official PyTorch code's, or the official TF code's (`tf_models.py`)."""
+    if config.arch == "official-tf":
+        return tf_models.Generator(config.ch, config.n_res, config.img_size, config.light, bool(config.rho_smoothing))
     return ResnetGenerator(config.ch, config.n_res, config.img_size, config.light)
 
 
+def build_discriminator(config: ModelConfig, layers: int) -> nn.Module:
+    if config.arch == "official-tf":
+        return tf_models.Discriminator(config.ch, layers)
+    return Discriminator(config.ch, layers)
+
+
 def build_networks(config: ModelConfig) -> dict[str, nn.Module]:
-    """The six networks, keyed by their official names; disG* judge globally, disL* locally."""
+    """The six networks, keyed by their official PyTorch names; disG* judge globally, disL* locally."""
     nets: dict[str, nn.Module] = {name: build_generator(config) for name in GENERATORS}
     for domain in "AB":
-        nets[f"disG{domain}"] = Discriminator(config.ch, config.global_layers)
-        nets[f"disL{domain}"] = Discriminator(config.ch, config.local_layers)
+        nets[f"disG{domain}"] = build_discriminator(config, config.global_layers)
+        nets[f"disL{domain}"] = build_discriminator(config, config.local_layers)
     return {name: nets[name] for name in NETWORKS}

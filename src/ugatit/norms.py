@@ -21,17 +21,23 @@ _F = TypeVar("_F", bound=Callable)
 
 
 def instance_layer_norm(
-    x: torch.Tensor, rho: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = EPS
+    x: torch.Tensor,
+    rho: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float = EPS,
+    correction: int = 1,
 ) -> torch.Tensor:
     """rho * IN(x) + (1 - rho) * LN(x), then scaled by gamma and shifted by beta (all broadcast per channel).
 
-    Written op for op as the official layers compute it, so that this path reproduces their numbers.
+    Written op for op as the official layers compute it, so that this path reproduces their numbers. The variance
+    is unbiased (`correction` 1) as in the official PyTorch code; the TF code's is biased (0).
     """
     in_mean = x.mean(dim=(2, 3), keepdim=True)
-    in_var = x.var(dim=(2, 3), keepdim=True)
+    in_var = x.var(dim=(2, 3), keepdim=True, correction=correction)
     out_in = (x - in_mean) / torch.sqrt(in_var + eps)
     ln_mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    ln_var = x.var(dim=(1, 2, 3), keepdim=True)
+    ln_var = x.var(dim=(1, 2, 3), keepdim=True, correction=correction)
     out_ln = (x - ln_mean) / torch.sqrt(ln_var + eps)
     out = rho * out_in + (1 - rho) * out_ln
     return out * gamma + beta
@@ -65,10 +71,11 @@ class ILN(nn.Module):
 
 @torch.no_grad()
 def clip_rho(module: nn.Module) -> None:
-    """Clamp every rho of `module` into [0, 1]; the official code does this after each generator update."""
+    """Clamp every rho of `module` into [0, 1]; both official codes do this after each generator update."""
     for sub in module.modules():
-        if isinstance(sub, (AdaILN, ILN)):
-            sub.rho.clamp_(0.0, 1.0)
+        rho = getattr(sub, "rho", None)
+        if isinstance(rho, nn.Parameter):
+            rho.clamp_(0.0, 1.0)
 
 
 def eager(fn: _F) -> _F:

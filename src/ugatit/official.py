@@ -175,5 +175,10 @@ def load_official(
 
 
 def save_official(states: dict[str, dict[str, torch.Tensor]], config: ModelConfig, path: str | Path) -> None:
+    if config.arch != "official":
+        raise CheckpointError(
+            f"a model of the {config.arch} architecture has no official PyTorch layout: the official PyTorch code "
+            "cannot run it; use it with ugatit, or export it to ONNX"
+        )
     official = ours_to_official(states, config)
     atomic_write(Path(path), lambda tmp: torch.save(official, tmp))

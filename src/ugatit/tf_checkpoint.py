@@ -310,13 +310,16 @@ class TFCheckpoint:
             self._fail(f"unsupported dtype enum {code}; only numeric tensors can be read", name)
         return _DTYPES[code]
 
-    def read(self, name: str, verify: bool | str = "auto") -> torch.Tensor:
-        """Read one tensor via a memmap of its byte range only (the release data file is 7.5 GB).
+    def mapped(self, name: str, verify: bool | str = "auto", rows: tuple[int, int] | None = None) -> np.ndarray:
+        """One tensor as a read-only numpy array mapped from its byte range of the data file (the release's is
+        7.5 GB), in its storage dtype (bfloat16: uint16 bits), or only its rows [start, stop) along the first axis,
+        so that a large tensor can be copied a slab at a time without mapping all of it at once.
 
         verify: True checks the stored crc32c, False skips it, "auto" checks tensors under 64 MiB (the pure numpy
-        crc is the slow part for huge tensors unless `google_crc32c`/`crc32c` is installed)."""
+        crc is the slow part for huge tensors unless `google_crc32c`/`crc32c` is installed). A slab of rows is not
+        checked: the checksum covers the whole tensor."""
         entry = self._entry(name)
-        np_dtype, torch_dtype = self._types(name)
+        np_dtype, _ = self._types(name)
         if entry["sliced"]:
             self._fail("partitioned (sliced) variable; re-save it unpartitioned", name)
         shard, offset, size, shape = entry["shard"], entry["offset"], entry["size"], entry["shape"]
@@ -328,14 +331,24 @@ class TFCheckpoint:
         file_size = data.stat().st_size
         if offset < 0 or offset + size > file_size:
             self._fail(f"bytes [{offset}, {offset + size}) past the end ({file_size}); file truncated?", name, data)
+        if rows is not None:
+            row_bytes = size // shape[0] if shape and shape[0] else 0
+            offset, size, shape = (
+                offset + rows[0] * row_bytes,
+                (rows[1] - rows[0]) * row_bytes,
+                (rows[1] - rows[0], *shape[1:]),
+            )
         if size == 0:
-            return torch.empty(shape, dtype=torch_dtype)
+            return np.empty(shape, dtype=np_dtype)
         raw = np.memmap(data, dtype=np.uint8, mode="r", offset=offset, shape=(size,))
-        if verify is True or (verify == "auto" and size <= _AUTO_VERIFY_BYTES):
+        if rows is None and (verify is True or (verify == "auto" and size <= _AUTO_VERIFY_BYTES)):
             if entry["crc"] is not None and _unmask(entry["crc"]) != crc32c(raw):
                 self._fail("crc32c mismatch; the data file is corrupt, re-download it", name, data)
-        array = np.array(raw.view(np_dtype).reshape(shape))  # copy: detaches from the file
-        del raw
-        if torch_dtype == torch.bfloat16:
+        return raw.view(np_dtype).reshape(shape)
+
+    def read(self, name: str, verify: bool | str = "auto") -> torch.Tensor:
+        """One tensor, copied into memory (`mapped` says what is checked)."""
+        array = np.array(self.mapped(name, verify))  # copy: detaches from the file
+        if self._types(name)[1] == torch.bfloat16:
             return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(array)

@@ -31,9 +31,13 @@ from . import distributed
 from .checkpoint import (
     CONFIG_FILE,
     atomic_write,
+    fit_states,
     list_checkpoints,
     load_checkpoint,
+    load_model,
     prune_checkpoints,
+    read_model_config,
+    resolve_model,
     rng_state,
     save_checkpoint,
     write_json,
@@ -41,13 +45,13 @@ from .checkpoint import (
 from .config import RESUMABLE, ConfigError, ModelConfig, RunConfig, split_settings, to_dict
 from .data import DataError, eval_transform, format_report, infinite_batches, load_rgb, scan_dataset
 from .devices import resolve_device
-from .models import GENERATORS
-from .norms import ILN, AdaILN
+from .models import GENERATORS, NETWORKS
 from .trainer import Trainer
 from .tuning import enable_huge_pages
 from .visualize import make_grid, sample_column, save_image
 
 SAMPLES_PER_SPLIT = 5
+FRAMING = ("keep_aspect",)  # model settings that a run initialised from another model's weights may change
 LOG_FILE = "log.jsonl"
 
 
@@ -65,17 +69,35 @@ def read_run_configs(run_dir: str | os.PathLike) -> tuple[ModelConfig, RunConfig
 
 
 def resolve_configs(
-    run_dir: str | os.PathLike, requested: dict[str, Any], overwrite: bool = False
+    run_dir: str | os.PathLike,
+    requested: dict[str, Any],
+    overwrite: bool = False,
+    init_from: str | os.PathLike | None = None,
 ) -> tuple[ModelConfig, RunConfig]:
     """The configurations of a run: new ones from `requested` (flat settings), or for a run folder that holds
-    checkpoints its stored ones with `requested` applied, as long as only resumable run settings change."""
+    checkpoints its stored ones with `requested` applied, as long as only resumable run settings change. A new run
+    initialised from a model file (`init_from`) has that model's architecture; only its framing may change."""
     if overwrite or not list_checkpoints(run_dir):
         model, run = split_settings(requested)
-        return ModelConfig(**model), RunConfig(**run)
+        if init_from is None:
+            return ModelConfig(**model), RunConfig(**run)
+        return _init_model_config(init_from, model), RunConfig(**run)
     _, run_settings = split_settings(requested)
     stored_model, stored_run = read_run_configs(run_dir)
     _refuse_other_settings(run_dir, stored_model, stored_run, requested)
     return stored_model, dataclasses.replace(stored_run, **run_settings)
+
+
+def _init_model_config(init_from: str | os.PathLike, requested: dict[str, Any]) -> ModelConfig:
+    stored = read_model_config(init_from)
+    conflicts = [k for k, v in requested.items() if k not in FRAMING and getattr(stored, k) != v]
+    if conflicts:
+        options = ", ".join("--" + k.replace("_", "-") for k in conflicts)
+        raise ConfigError(
+            f"--init-from {init_from} holds a {stored.describe()} model, whose architecture the run keeps: drop "
+            f"{options} (or their preset or config-file settings)"
+        )
+    return dataclasses.replace(stored, **{k: v for k, v in requested.items() if k in FRAMING})
 
 
 def _refuse_other_settings(
@@ -264,9 +286,9 @@ class Run:
                 self.writer.add_image(f"samples/{name}", np.asarray(grid), step, dataformats="HWC")
         if self.writer:
             for gen in GENERATORS:
-                for module_name, module in self.trainer.nets[gen].named_modules():
-                    if isinstance(module, (AdaILN, ILN)):
-                        self.writer.add_histogram(f"rho/{gen}.{module_name}", module.rho.detach().cpu(), step)
+                for name, param in self.trainer.nets[gen].named_parameters():
+                    if name.rpartition(".")[2] == "rho":
+                        self.writer.add_histogram(f"rho/{gen}.{name.removesuffix('.rho')}", param.detach().cpu(), step)
 
     def evaluate(self, log: Any) -> None:
         """KID of both directions on the test images; the best checkpoint so far is kept as `checkpoints/best`."""
@@ -348,6 +370,15 @@ def _resume(run: Run, checkpoint: Path) -> None:
     best = run.folder / "checkpoints" / "best.json"
     if best.is_file():
         run.best_kid = json.loads(best.read_text())["kid"]
+
+
+def _init_weights(run: Run, source: str | os.PathLike) -> None:
+    file = resolve_model(source)
+    _, states = load_model(file)
+    fit_states({name: run.trainer.nets[name] for name in states}, states, file)
+    fresh = [name for name in NETWORKS if name not in states]
+    run.echo(f"initialised {', '.join(states)} from {source}"
+             + (f"; {', '.join(fresh)} start from scratch" if fresh else ""))  # fmt: skip
 
 
 def _open_data(run: Run, model: ModelConfig, inception_weights: str | os.PathLike | None) -> None:
@@ -444,19 +475,24 @@ def train(
     until: int | None = None,
     progress: bool = True,
     inception_weights: str | os.PathLike | None = None,
+    init_from: str | os.PathLike | None = None,
     echo: Callable[[str], None] = print,
 ) -> Trainer:
     """Train (or resume) the run in `run_dir` on DATA/trainA and DATA/trainB up to `run.iterations` steps.
 
     `until` stops earlier, after that step, with a checkpoint. A run folder holding checkpoints resumes from its
     latest one (its settings are checked against `model` and `run`: `resolve_configs` gives them), unless
-    `overwrite` deletes it first. Started by torchrun, every process trains on its own share of the data with
-    DistributedDataParallel, and only rank 0 writes checkpoints, samples and logs.
+    `overwrite` deletes it first. A new run starts from the weights of the model file `init_from` (fine-tuning,
+    with fresh optimizers) where given; networks the file lacks start from scratch. Started by torchrun, every
+    process trains on its own share of the data with DistributedDataParallel, and only rank 0 writes checkpoints,
+    samples and logs.
     """
     enable_huge_pages()
     info, dev = distributed.setup(resolve_device(device))
     try:
         state = _start(model, run, Path(data_root), Path(run_dir), info, dev, overwrite, skip_bad_images, echo)
+        if init_from is not None and state.trainer.step == 0:
+            _init_weights(state, init_from)
         _open_data(state, model, inception_weights)
         last = min(run.iterations, until) if until is not None else run.iterations
         stopped = _loop(state, last, progress)

@@ -105,6 +105,8 @@ class Trainer:
         distributed: bool = False,
     ):
         self.model, self.run = model, run
+        if run.grad_checkpoint and model.arch != "official":
+            raise ConfigError(f"grad_checkpoint (--grad-checkpoint) is for the official architecture, not {model.arch}")
         self.device = torch.device(device)
         self.nets = nets or build_networks(model)
         self.dtype, self.memory_format = prepare(self.nets, run, self.device)
@@ -181,7 +183,8 @@ class Trainer:
     ) -> tuple[dict[str, Outputs], dict[str, Outputs]]:
         """Every discriminator's scores of its domain's real batch and of the translations into it: real first,
         then fake, as the official code calls them (each training-mode call advances a power iteration)."""
-        if self.run.fast and all(real[d].shape[0] == fake[d].shape[0] for d in "AB"):
+        paired = all(real[d].shape[0] == fake[d].shape[0] for d in "AB")
+        if self.run.fast and paired and all(fast.is_fast(net) for net in nets.values()):
             # A bf16 fake means autocast is on: the first convolution rounds the real batch to bf16 anyway.
             both = {name: fast.stacked(nets[name], real[d].to(fake[d].dtype), fake[d]) for name, d in JUDGES}
             return {name: pair[0] for name, pair in both.items()}, {name: pair[1] for name, pair in both.items()}

@@ -183,8 +183,9 @@ def checkpoint(generator: nn.Module) -> nn.Module:
 def stacked(net: nn.Module, *inputs: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
     """The outputs of `net` called on each input in turn, computed in one call on their concatenation (equal batch
     sizes): every layer works per sample, and the fast spectral norms advance once per input, as separate calls
-    would. An exact discriminator cannot: it would advance once for all."""
-    if _is_discriminator(net) and not is_fast(net):
+    would. An exact discriminator, or one of the TF architecture, cannot: it would advance once for all."""
+    iterating = any(is_spectral(m) or "u" in dict(m.named_buffers(recurse=False)) for m in net.modules())
+    if iterating and not is_fast(net):
         raise ValueError("stacked calls of a discriminator need its fast layers (ugatit.fast.apply)")
     with stacked_calls(len(inputs)):
         outputs = net(torch.cat(inputs))
