@@ -38,6 +38,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
 def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
@@ -207,22 +214,54 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(names)} to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
 
 
-def cmd_translate(args: argparse.Namespace) -> None:
+def cmd_translate(args: argparse.Namespace) -> int:
     from .backends import load_translator
     from .inference import translate_files
 
     if args.precision != "exact" and args.backend != "torch":
         raise ConfigError("--precision fast is the torch backend's; drop it with --backend onnxruntime")
+    if args.faces is None and (args.paste_back or args.face_scale != 1.0):
+        raise ConfigError("--paste-back and --face-scale work on faces: add --faces")
+    if args.faces is not None and args.original_size:
+        raise ConfigError("--original-size does not apply to --faces: use --paste-back for results at the photo's size")
     args.checkpoint = _model_path(args.checkpoint)
     translator = load_translator(
         args.checkpoint, args.direction, backend=args.backend, device=args.device,
         precision=args.precision, fast_dtype=args.fast_dtype,
     )  # fmt: skip
+    if args.faces is not None:
+        from .faces import translate_faces
+
+        report = translate_faces(
+            translator, args.inputs, args.out, which=args.faces, paste=args.paste_back, face_scale=args.face_scale,
+            heatmap=args.heatmap, overwrite=args.overwrite, progress=not args.no_progress,
+        )  # fmt: skip
+        return _faces_done(report, f"translated faces {translator.direction} into {args.out}")
     outputs = translate_files(
         translator, args.inputs, args.out, batch_size=args.batch_size, heatmap=args.heatmap,
         original_size=args.original_size, overwrite=args.overwrite, progress=not args.no_progress,
     )  # fmt: skip
     print(f"translated {len(outputs)} image(s) {translator.direction} into {args.out}")
+    return 0
+
+
+def _faces_done(report: Any, what: str) -> int:
+    """Say what a faces run wrote; no face in any input is a failure (exit status 1)."""
+    if not report.outputs:
+        print("ugatit: error: no face found in any input; nothing written", file=sys.stderr)
+        return 1
+    print(f"{what}: {len(report.outputs)} file(s)")
+    return 0
+
+
+def cmd_align_faces(args: argparse.Namespace) -> int:
+    from .faces import align_faces
+
+    report = align_faces(
+        args.src, args.dst, size=args.size, which=args.faces, face_scale=args.face_scale, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    return _faces_done(report, f"aligned faces from {args.src} into {args.dst}")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -381,6 +420,28 @@ def _add_translate_parser(sub: Any) -> None:
     )
     add_precision_options(p)
     p.add_argument("--fast", nargs=0, action=_Retired, const="--precision fast", help=argparse.SUPPRESS)
+    add_face_options(p, "--faces", "translate each face of each photo (aligned like the training crops) instead of "
+                     "the whole photo: all faces, or the largest")  # fmt: skip
+    p.add_argument("--paste-back", action="store_true", help="with --faces: paste the translated faces back into "
+                   "each photo, written at its size")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_face_options(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """Which faces and how much margin: shared by translate --faces and align-faces."""
+    kwargs = {"nargs": "?", "const": "all"} if flag == "--faces" else {"default": "all"}
+    parser.add_argument(flag, choices=["all", "largest"], help=help, dest="faces", **kwargs)
+    parser.add_argument("--face-scale", type=_positive_float, default=1.0, help="the face's size in the crop "
+                        "against the template's (default 1.0; below 1 leaves a wider margin)")  # fmt: skip
+
+
+def _add_align_faces_parser(sub: Any) -> None:
+    p = _command(sub, "align-faces", cmd_align_faces, "make a training folder of aligned face crops from raw photos")
+    p.add_argument("src", help="a photo, or a folder of photos (searched recursively)")
+    p.add_argument("dst", help="the folder to write NAME_face0.png, NAME_face1.png, ... to")
+    p.add_argument("--size", type=_positive_int, default=256, help="crop side in pixels (default 256)")
+    add_face_options(p, "--which", "all faces of each photo, or the largest (default all)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing crops")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -432,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train_parser,
         _add_check_data_parser,
         _add_translate_parser,
+        _add_align_faces_parser,
         _add_evaluate_parser,
         _add_export_parser,
     ):
