@@ -18,6 +18,7 @@ from . import __version__
 from .checkpoint import CheckpointError, describe_source, is_run_folder, load_model, resolve_model, save_model
 from .config import FAST_DTYPES, PRECISIONS, PRESETS, ConfigError, ModelConfig, RunConfig
 from .data import BadImageError, DataError
+from .demo import DemoError
 from .devices import DEVICE_NAMES, DeviceError
 from .export import ExportError
 from .extras import require
@@ -27,7 +28,7 @@ from .tf_checkpoint import TFCheckpointError
 # ImportError: an optional extra that is not installed (the message names the pip command).
 USER_ERRORS = (
     InceptionWeightsError, CheckpointError, ConfigError, DataError, BadImageError, ExportError, DeviceError,
-    FileExistsError, FileNotFoundError, ImportError, TFCheckpointError,
+    FileExistsError, FileNotFoundError, ImportError, TFCheckpointError, DemoError,
 )  # fmt: skip
 
 
@@ -264,6 +265,14 @@ def cmd_align_faces(args: argparse.Namespace) -> int:
     return _faces_done(report, f"aligned faces from {args.src} into {args.dst}")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import DemoModel, serve
+
+    model = DemoModel(_model_path(args.model), args.precision, args.fast_dtype, args.device)
+    print(f"serving {model.describe()}\nopen http://{args.host}:{args.port} (Ctrl+C stops)")
+    serve(model, args.host, args.port)
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from .config import preset
     from .quickstart import quickstart
@@ -445,6 +454,15 @@ def _add_align_faces_parser(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_demo_parser(sub: Any) -> None:
+    p = _command(sub, "demo", cmd_demo, "a local web page to try a model on your photos (needs ugatit[demo])")
+    p.add_argument("model", help="run folder, checkpoint folder, model file, Hub-style folder or .onnx file")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_positive_int, default=7860, help="port (default 7860)")
+    p.add_argument("--device", default="auto", choices=DEVICE_NAMES)
+    add_precision_options(p)
+
+
 def _add_evaluate_parser(sub: Any) -> None:
     p = _command(sub, "evaluate", cmd_evaluate, "KID and FID of a model's translations (or of any two image folders)")
     p.add_argument("checkpoint", nargs="?", help="checkpoint to evaluate (translates DATA/testA and/or testB)")
@@ -495,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_translate_parser,
         _add_align_faces_parser,
         _add_evaluate_parser,
+        _add_demo_parser,
         _add_export_parser,
     ):
         add(sub)
