@@ -16,6 +16,21 @@ def official_fixture():
     return torch.load(FIXTURE, map_location="cpu", weights_only=True)
 
 
+@pytest.fixture(scope="session")
+def generators_64(tmp_path_factory):
+    """A model file of two random light generators at 64 px: a small model for the commands that only translate."""
+    from ugatit.checkpoint import save_model
+    from ugatit.config import ModelConfig
+    from ugatit.models import build_networks
+
+    config = ModelConfig(img_size=64, ch=4, n_res=1, light=True, global_layers=5, local_layers=4)
+    torch.manual_seed(0)
+    nets = build_networks(config)
+    path = tmp_path_factory.mktemp("generators_64") / "model.safetensors"
+    save_model(path, {name: nets[name].state_dict() for name in ("genA2B", "genB2A")}, config)
+    return path
+
+
 @pytest.fixture
 def two_threads():
     """The fixture was computed with 2 CPU threads; other counts change the last bits of the convolutions, which

@@ -14,26 +14,17 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from ugatit.checkpoint import save_model
 from ugatit.cli import main
-from ugatit.config import ModelConfig
 from ugatit.demo import DemoError, DemoModel
-from ugatit.models import build_networks
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "ugatit" / "examples"
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    config = ModelConfig(img_size=64, ch=4, n_res=1, light=True, global_layers=5, local_layers=4)
-    torch.manual_seed(0)
-    nets = build_networks(config)
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    save_model(path, {name: nets[name].state_dict() for name in ("genA2B", "genB2A")}, config)
-    return path
+def model_file(generators_64):
+    return generators_64
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,11 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import SHARED
-from ugatit.checkpoint import save_model
 from ugatit.cli import main
-from ugatit.config import ModelConfig
 from ugatit.faces import SELFIE2ANIME, find_faces, paste_back, similarity_transform
-from ugatit.models import build_networks
 from ugatit.mtcnn import MTCNN
 
 IMAGES = SHARED / "reference" / "fixtures" / "mtcnn" / "images"
@@ -107,13 +103,8 @@ def test_paste_back_changes_only_the_face(images, detector):
 
 # ---------------------------------------------------------------- the CLI
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    config = ModelConfig(img_size=64, ch=4, n_res=1, light=True, global_layers=5, local_layers=4)
-    torch.manual_seed(0)
-    nets = build_networks(config)
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    save_model(path, {name: nets[name].state_dict() for name in ("genA2B", "genB2A")}, config)
-    return path
+def model(generators_64):
+    return generators_64
 
 
 def _photos(images, tmp_path, *names):

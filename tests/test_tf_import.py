@@ -223,8 +223,16 @@ def test_shape_mismatch_and_other_refusals(tmp_path, capsys):
     assert "not found" in _bad_import(tmp_path, capsys, tmp_path / "nowhere")
     _tf_bundle(tmp_path, LIGHT, "y", "UGATIT.model-1")
     data = tmp_path / "y" / "UGATIT.model-1.data-00000-of-00001"
-    data.write_bytes(data.read_bytes()[:-100])
+    raw = bytearray(data.read_bytes())
+    raw[200] ^= 0xFF  # one flipped byte inside a tensor
+    data.write_bytes(bytes(raw))
+    assert "crc32c mismatch" in _bad_import(tmp_path, capsys, tmp_path / "y")
+    data.write_bytes(bytes(raw[:-100]))
     assert "truncated" in _bad_import(tmp_path, capsys, tmp_path / "y")
+    _tf_bundle(tmp_path, LIGHT, "z", "UGATIT.model-1")
+    variables = {n: TFCheckpoint(tmp_path / "z").read(n).numpy() for n in TFCheckpoint(tmp_path / "z").names}
+    write_bundle(tmp_path / "z" / "UGATIT.model-1", variables, override={"generator_B/G_logit/conv2d/bias": {1: 23}})
+    assert "unsupported dtype" in _bad_import(tmp_path, capsys, tmp_path / "z")
 
 
 def test_existing_output_is_not_overwritten(fixture_dir, tmp_path, capsys):
@@ -343,6 +351,16 @@ def test_cli_trains_the_tf_architecture_from_scratch(dataset, tmp_path):
     assert "genA2B.resblock_0.res1.instance_norm.gamma" in {f"genA2B.{k}" for k in states["genA2B"]}
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and np.isfinite(log[-1]["g_loss"])
+
+
+def test_demo_page_of_an_imported_model(imported):
+    from ugatit.demo import DemoModel
+
+    model = DemoModel(imported[0])
+    assert model.directions == ["A2B", "B2A"] and "official-tf" in model.describe()
+    photo = SHARED / "reference" / "fixtures" / "mtcnn" / "images" / "a_astronaut.png"
+    if photo.is_file():
+        assert model.translate(str(photo), "B2A", faces=True).translation.size == (96, 96)
 
 
 def test_hub_folder_of_an_imported_model(imported, tmp_path):
