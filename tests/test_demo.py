@@ -101,6 +101,8 @@ def test_page_takes_the_inputs_photos_come_as(demo_model, photos):
         demo_model.translate(str(EXAMPLES / "synthetic_A.jpg"), "A2B", faces=True)
     with pytest.raises(DemoError, match="choose a photo"):
         demo_model.translate(None, "A2B")
+    with pytest.raises(DemoError, match="Align faces"):
+        demo_model.translate(str(photos / "good.png"), "A2B", faces=False, paste_back=True)
     with pytest.raises(DemoError, match="not 'C2D'"):
         demo_model.translate(str(photos / "good.png"), "C2D")
 
@@ -127,6 +129,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_demo_on_a_taken_port_says_so(model_file, capsys):
+    pytest.importorskip("gradio")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["demo", str(model_file), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot serve on 127.0.0.1:{port}" in err and err.count("\n") == 1
 
 
 @pytest.fixture(scope="module")

@@ -270,7 +270,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     model = DemoModel(_model_path(args.model), args.precision, args.fast_dtype, args.device)
     print(f"serving {model.describe()}\nopen http://{args.host}:{args.port} (Ctrl+C stops)")
-    serve(model, args.host, args.port)
+    try:
+        serve(model, args.host, args.port)
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise ConfigError(f"cannot serve on {args.host}:{args.port} ({exc}); choose another --port or --host") from None
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:

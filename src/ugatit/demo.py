@@ -116,6 +116,8 @@ class DemoModel:
         """Translate an uploaded photo (a path, or Gradio's upload payload) in `direction`."""
         if direction not in self.translators:
             raise DemoError(f"this model translates {' and '.join(self.directions)}, not {direction!r}")
+        if paste_back and not faces:
+            raise DemoError("pasting back works on aligned faces: tick 'Align faces' too")
         progress(0.05, "reading the photo")
         image, note = read_photo(photo)
         translator = self.translators[direction]

@@ -109,8 +109,8 @@ def find_faces(
     crop of `size` pixels. A photo larger than `DETECT_MAX_SIDE` is searched on a downscaled copy.
 
     Each face is looked at twice: its landmarks are found again in a first aligned crop, where the face is upright
-    and at the template's scale, because MTCNN places them less steadily on tilted, small or large faces (on faces
-    placed by a known transform, the second look brought the alignment error from up to 3.6 px to 1.3 px).
+    and at the template's scale, because MTCNN places them less steadily on tilted, small or large faces
+    (docs/faces.md has the effect on faces placed by a known transform).
     """
     if which not in WHICH:
         raise ValueError(f"which={which!r} must be one of: {', '.join(WHICH)}")
