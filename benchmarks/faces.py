@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe_cpu
 from PIL import Image
 
 from ugatit.checkpoint import read_model_config, save_model
@@ -39,20 +40,12 @@ def median_seconds(work, reps: int) -> float:
     return statistics.median(times)
 
 
-def machine() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
-    flags = set(info.get("flags", "").split())
-    isa = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
-    return f"{info.get('model name', '?')}, {torch.get_num_threads()} threads, {isa}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a model file (default: random weights, light, 256 px, ch 64, official-tf)")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
-    print(machine())
+    print(describe_cpu())
     detector = MTCNN()
     photo = Image.open(IMAGES / "b_face_small.png").convert("RGB")
     crop = find_faces(Image.open(IMAGES / "a_astronaut.png").convert("RGB"), detector, 256)[0].crop(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "reference" / "fixtures" / "official_tf_small"
@@ -38,14 +38,6 @@ import ugatit.tf_import
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
 print(int(status["VmHWM"].split()[0]))
 """
-
-
-def machine() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
-    flags = set(info.get("flags", "").split())
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{info.get('model name', '?').strip()}, {os.cpu_count()} cores, {' '.join(isa)}"
 
 
 def run_import(path: Path, out: Path, generators_only: bool) -> dict:
@@ -85,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-paper", action="store_true", help="skip the paper-size bundle")
     args = parser.parse_args()
-    print(machine())
+    print(describe_cpu())
     baseline = int(subprocess.run([sys.executable, "-c", BASELINE], check=True, capture_output=True, text=True).stdout)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

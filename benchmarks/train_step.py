@@ -9,6 +9,10 @@ seconds per step. Peak memory is measured per path in a fresh child process over
 CPU, peak allocated on CUDA), so that each figure belongs to one path alone. "official" restates the official loop
 on the same networks: 8 generator passes per step, fakes not detached in the D update, discriminator weight
 gradients in the G update.
+
+Beside each time: the step's FLOP count (the official loop's own for "official"; the ugatit step's, counted on the
+exact path, for "exact" and "fast", whose kernels do the same work in fewer operations where they use Winograd), the
+machine's measured peak in the path's dtype (`machine.peak_gflops`) and the fraction of it reached.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -24,6 +27,7 @@ import sys
 import time
 
 import torch
+from machine import count_flops, describe_cpu, peak_gflops
 
 from ugatit.config import FAST_DTYPES, configs
 from ugatit.fast import native_bf16, resolve_dtype
@@ -161,24 +165,34 @@ def main() -> None:
             )
             memory[path] = int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
 
+    fast_dtype = resolve_dtype(args.fast_dtype, args.device)
+    counted = {p: "official" if p == "official" else "exact" for p in paths}
+    flops = {p: count_flops(run_step, p, *make(p, args)) for p in set(counted.values())}
+    dtypes = {p: fast_dtype if p == "fast" else torch.float32 for p in paths}
+    peaks = {dtype: peak_gflops(dtype, args.device) for dtype in set(dtypes.values())}
+
     mode = "light" if args.light else "full"
     print(f"train step, {args.img_size} px, ch {args.ch}, n_res {args.n_res}, {mode}, batch {args.batch_size}")
     if not args.no_memory:
         print(f"peak memory over {args.memory_steps} steps, each path in a fresh process")
-    cpu = platform.processor() or platform.machine()
-    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, {cpu}")
+    print(f"torch {torch.__version__}, {args.device}, {describe_cpu()}")
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}")
-    fast_dtype = resolve_dtype(args.fast_dtype, args.device)
     print(
         f"fast path computes in {fast_dtype} (--fast-dtype {args.fast_dtype}; native bf16: {native_bf16(args.device)})"
     )
+    print("step FLOPs: " + ", ".join(f"{p} {f / 1e12:.2f} TFLOP" for p, f in flops.items()) + "; measured peak "
+          "(3x3 256-channel conv, 64 x 64): " + ", ".join(f"{str(d).removeprefix('torch.')} {g:.0f} GFLOP/s"
+                                                         for d, g in peaks.items()))  # fmt: skip
     base = statistics.median(times[paths[0]])
-    print(f"{'path':<10}{'median s/step':>15}{'speed-up':>10}{'warm-up s':>11}{'peak memory':>14}")
+    print(f"{'path':<10}{'dtype':>10}{'median s/step':>15}{'speed-up':>10}{'of peak':>9}{'warm-up s':>11}"
+          f"{'peak memory':>14}")  # fmt: skip
     for path in paths:
         median = statistics.median(times[path])
         mem = f"{memory[path] / 2**30:.2f} GiB" if memory.get(path) else "-"
-        print(f"{path:<10}{median:>15.3f}{base / median:>9.1f}x{warmup[path]:>11.2f}{mem:>14}")
+        fraction = flops[counted[path]] / median / (peaks[dtypes[path]] * 1e9)
+        print(f"{path:<10}{str(dtypes[path]).removeprefix('torch.'):>10}{median:>15.3f}{base / median:>9.1f}x"
+              f"{fraction:>9.0%}{warmup[path]:>11.2f}{mem:>14}")  # fmt: skip
     print(json.dumps({"args": vars(args), "median_s": {p: statistics.median(t) for p, t in times.items()},
                       "peak_bytes": memory}))  # fmt: skip
 

@@ -8,14 +8,16 @@
 
 Reports the median ms per image at batch 1 and the images per second at --batch-size, from random weights (speed
 does not depend on them) or a model file, alternating the backends in one process, and how far each backend's
-8-bit result is from the exact one on a test image. ONNX Runtime is skipped when not installed.
+8-bit result is from the exact one on a test image. "official" is the official test-time call: the bare generator
+under no_grad in fp32, with the same image decoding and encoding around it. Beside each time: the generator's FLOP
+count, the machine's measured peak in the backend's dtype (`machine.peak_gflops`) and the fraction of it reached.
+ONNX Runtime is skipped when not installed.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 import statistics
 import tempfile
 import time
@@ -23,14 +25,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import count_flops, describe_cpu, peak_gflops
 from PIL import Image
 
-from ugatit.checkpoint import read_model_config, save_model
+from ugatit.checkpoint import load_model, read_model_config, save_model
 from ugatit.config import ARCHS, FAST_DTYPES, ModelConfig
+from ugatit.data import eval_transform, to_image
 from ugatit.fast import resolve_dtype
 from ugatit.inference import Translator
 from ugatit.models import build_generator
 from ugatit.tuning import enable_huge_pages
+
+
+def official_translator(checkpoint: Path, device: str):
+    """The official test loop's call: the generator as built, in eval mode, fp32, no_grad."""
+    config, states = load_model(checkpoint, ["genA2B"])
+    generator = build_generator(config)
+    generator.load_state_dict(states["genA2B"])
+    generator.to(device).eval()
+
+    def translate(images: list[Image.Image]) -> list[Image.Image]:
+        x = torch.stack([eval_transform(image, config.img_size, config.keep_aspect) for image in images]).to(device)
+        with torch.no_grad():
+            out = generator(x)[0]
+        return [to_image(y) for y in out.float().cpu()]
+
+    return translate
 
 
 def timed(translate, images, reps: int) -> list[float]:
@@ -72,6 +92,7 @@ def main() -> None:
             save_model(checkpoint, {"genA2B": build_generator(config).state_dict()}, config)
         fast_dtype = resolve_dtype(args.fast_dtype, args.device)
         backends = {
+            "official": official_translator(checkpoint, args.device),
             "torch exact": Translator.from_checkpoint(checkpoint, "A2B", args.device, args.batch_size),
             "torch fast": Translator.from_checkpoint(
                 checkpoint, "A2B", args.device, args.batch_size, precision="fast", fast_dtype=args.fast_dtype
@@ -98,16 +119,27 @@ def main() -> None:
         for name, translator in itertools.chain.from_iterable(itertools.repeat(list(backends.items()), 2)):
             latency[name] += timed(translator, single, args.reps)
             throughput[name] += timed(translator, batch, max(1, args.reps // 2))
+        generator = backends["torch exact"].generator
+        with torch.no_grad():
+            flops = count_flops(generator, torch.zeros(1, 3, config.img_size, config.img_size, device=args.device))
 
+    dtypes = {name: torch.float32 for name in backends} | {"torch fast": fast_dtype}
+    peaks = {dtype: peak_gflops(dtype, args.device) for dtype in set(dtypes.values())}
     print(f"translate, {args.model or 'random weights'}: {config.describe()}; torch {torch.__version__}, "
-          f"{args.device}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
-          f"torch fast in {fast_dtype}")  # fmt: skip
+          f"{args.device}, {describe_cpu()}")  # fmt: skip
+    print(f"generator: {flops / 1e9:.1f} GFLOP per image; measured peak (3x3 256-channel conv, 64 x 64): "
+          + ", ".join(f"{str(d).removeprefix('torch.')} {g:.0f} GFLOP/s" for d, g in peaks.items()))  # fmt: skip
     batch_title = f"images/s (batch {args.batch_size})"
-    print(f"{'backend':<14}{'ms/image (batch 1)':>20}{batch_title:>22}{'mean |x - exact| (8-bit)':>28}")
+    print(f"{'backend':<13}{'dtype':>10}{'ms/image (batch 1)':>20}{'x official':>12}{'of peak':>9}{batch_title:>22}"
+          f"{'mean |x - exact| (8-bit)':>27}")  # fmt: skip
+    official_ms = statistics.median(latency["official"]) * 1000
     for name in backends:
         ms = statistics.median(latency[name]) * 1000
         ips = args.batch_size / statistics.median(throughput[name])
-        print(f"{name:<14}{ms:>20.1f}{ips:>22.2f}{levels[name]:>28.2f}")
+        dtype = dtypes[name]
+        fraction = flops / (ms / 1000) / (peaks[dtype] * 1e9)
+        print(f"{name:<13}{str(dtype).removeprefix('torch.'):>10}{ms:>20.1f}{official_ms / ms:>12.2f}"
+              f"{fraction:>9.0%}{ips:>22.2f}{levels.get(name, 0.0):>27.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
