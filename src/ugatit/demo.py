@@ -53,12 +53,7 @@ class PageResult:
 
 
 def model_directions(path: str | os.PathLike) -> list[str]:
-    """The directions a model holds: an ONNX file its own, a model file those of its stored generators."""
-    path = Path(path)
-    if path.suffix == ".onnx":
-        from .onnx_runtime import OnnxTranslator
-
-        return [OnnxTranslator.from_file(path).direction]
+    """The directions a model file (or folder) holds: those of its stored generators."""
     from safetensors import safe_open
 
     with safe_open(resolve_model(path), framework="pt") as f:
@@ -75,13 +70,18 @@ class DemoModel:
         backend = "onnxruntime" if self.path.suffix == ".onnx" else "torch"
         if backend == "onnxruntime" and precision != "exact":
             raise DemoError("--precision fast is the torch backend's; an .onnx model runs on ONNX Runtime")
-        self.directions = model_directions(self.path)
-        if not self.directions:
-            raise CheckpointError(f"{self.path}: holds no generator to translate with")
-        self.translators = {
-            d: load_translator(self.path, d, backend, device, precision=precision, fast_dtype=fast_dtype)
-            for d in self.directions
-        }
+        if backend == "onnxruntime":  # one generator, whose direction the file says
+            translator = load_translator(self.path, None, backend, device)
+            self.translators = {translator.direction: translator}
+        else:
+            directions = model_directions(self.path)
+            if not directions:
+                raise CheckpointError(f"{self.path}: holds no generator to translate with")
+            self.translators = {
+                d: load_translator(self.path, d, backend, device, precision=precision, fast_dtype=fast_dtype)
+                for d in directions
+            }
+        self.directions = list(self.translators)
         first = self.translators[self.directions[0]]
         self.config = first.config
         self.mode = f"{backend}, {precision}" if backend == "torch" else "ONNX Runtime"

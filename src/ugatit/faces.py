@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
 from .data import load_rgb
-from .inference import HEATMAP_SUFFIX, OUTPUT_SUFFIX, ImageTranslator, expand_inputs
+from .inference import HEATMAP_SUFFIX, OUTPUT_SUFFIX, ImageTranslator, check_outputs, expand_inputs
 from .mtcnn import MTCNN, Detection
 from .visualize import save_image
 
@@ -154,12 +154,14 @@ def _face_mask(size: int, face_scale: float) -> Image.Image:
     return mask.filter(ImageFilter.GaussianBlur(0.02 * size))
 
 
-def paste_back(photo: Image.Image, faces: Sequence[Face], crops: Sequence[Image.Image], face_scale: float = 1.0):
+def paste_back(
+    photo: Image.Image, faces: Sequence[Face], crops: Sequence[Image.Image], face_scale: float = 1.0
+) -> Image.Image:
     """The photo with each translated crop warped back over its face through a feathered mask; pixels outside the
     masks keep their values exactly."""
     result = photo.copy()
+    mask = _face_mask(faces[0].size, face_scale) if faces else None  # every face of a photo has one crop size
     for face, crop in zip(faces, crops, strict=True):
-        mask = _face_mask(face.size, face_scale)
         mapped = _apply(_inverse(face.transform), face.corners())
         x0, y0 = (max(0, int(np.floor(v))) for v in mapped.min(0))
         x1 = min(photo.width, int(np.ceil(mapped[:, 0].max())))
@@ -204,14 +206,6 @@ def _plan(jobs: list[tuple[Path, Path, list[Face]]], out_dir: Path, paste: bool,
     return plans
 
 
-def _refuse_existing(plans: list[list[Path]], sources: set[Path], overwrite: bool) -> None:
-    for path in (p for files in plans for p in files):
-        if path.resolve() in sources:
-            raise FileExistsError(f"{path} would overwrite its own input; choose another output folder")
-        if not overwrite and os.path.lexists(path):
-            raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
-
-
 def detect_all(
     inputs: Sequence[str | os.PathLike],
     size: int,
@@ -221,12 +215,32 @@ def detect_all(
     device: str = "cpu",
     progress: bool = True,
 ) -> list[tuple[Path, Path, list[Face]]]:
-    """(file, output name, faces) of every input image, in order; every image is decoded before anything is written."""
+    """(file, output name, faces) of every input image, in order; every image is decoded before anything is written.
+    Only the faces are kept: the writing pass decodes each photo again rather than holding a folder of photos."""
     detector = MTCNN(device)
     found = []
     for source, name in tqdm(expand_inputs(inputs), unit="img", desc="faces", disable=not progress):
         found.append((source, name, find_faces(load_rgb(source), detector, size, which, face_scale, template)))
     return found
+
+
+def _plan_run(
+    jobs: list[tuple[Path, Path, list[Face]]],
+    out_dir: Path,
+    paste: bool,
+    heatmap: bool,
+    overwrite: bool,
+    echo: Callable[[str], None],
+) -> tuple[list[tuple[Path, Path, list[Face]]], list[list[Path]], FacesReport]:
+    """The photos with faces and their output files, checked against overwriting; photos without one are said."""
+    report = FacesReport(no_face=[source for source, _, faces in jobs if not faces])
+    if report.no_face:
+        echo(f"no face found (MTCNN needs faces of 20 px or more) in {len(report.no_face)} image(s): "
+             + ", ".join(str(p) for p in report.no_face))  # fmt: skip
+    jobs = [job for job in jobs if job[2]]
+    plans = _plan(jobs, out_dir, paste, heatmap)
+    check_outputs([path for files in plans for path in files], [source for source, _, _ in jobs], overwrite)
+    return jobs, plans, report
 
 
 def translate_faces(
@@ -244,16 +258,9 @@ def translate_faces(
 ) -> FacesReport:
     """Find, align and translate every face of every input (see `find_faces`), writing the translated crops, or
     with `paste` each photo with its faces pasted back; photos without a face are listed and skipped."""
-    out_dir = Path(out_dir)
     size = translator.config.img_size
-    jobs = detect_all(inputs, size, which, face_scale, template, translator.device.type, progress)
-    report = FacesReport(no_face=[source for source, _, faces in jobs if not faces])
-    if report.no_face:
-        echo(f"no face found (MTCNN needs faces of 20 px or more) in {len(report.no_face)} image(s): "
-             + ", ".join(str(p) for p in report.no_face))  # fmt: skip
-    jobs = [job for job in jobs if job[2]]
-    plans = _plan(jobs, out_dir, paste, heatmap)
-    _refuse_existing(plans, {source.resolve() for source, _, _ in jobs}, overwrite)
+    found = detect_all(inputs, size, which, face_scale, template, translator.device.type, progress)
+    jobs, plans, report = _plan_run(found, Path(out_dir), paste, heatmap, overwrite, echo)
     for (source, _, faces), files in tqdm(list(zip(jobs, plans, strict=True)), unit="img", disable=not progress):
         result = translate_found(translator, load_rgb(source), faces, paste, face_scale, heatmap)
         images = [result.pasted] if paste else []
@@ -323,16 +330,11 @@ def align_faces(
     echo: Callable[[str], None] = print,
 ) -> FacesReport:
     """A training folder from raw photos: one aligned crop per face (`NAME_face{i}.png`) in `dst`."""
-    jobs = detect_all([src], size, which, face_scale, template, progress=progress)
-    report = FacesReport(no_face=[source for source, _, faces in jobs if not faces])
-    jobs = [job for job in jobs if job[2]]
-    plans = _plan(jobs, Path(dst), False, False)
-    _refuse_existing(plans, {source.resolve() for source, _, _ in jobs}, overwrite)
+    found = detect_all([src], size, which, face_scale, template, progress=progress)
+    jobs, plans, report = _plan_run(found, Path(dst), False, False, overwrite, echo)
     for (source, _, faces), files in zip(jobs, plans, strict=True):
         photo = load_rgb(source)
         for face, file in zip(faces, files, strict=True):
             save_image(face.crop(photo), file)
         report.outputs.extend(files)
-    if report.no_face:
-        echo(f"no face found in {len(report.no_face)} image(s): " + ", ".join(str(p) for p in report.no_face))
     return report

@@ -263,9 +263,10 @@ def plan_outputs(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     return jobs
 
 
-def _check_outputs(jobs: list[Job], overwrite: bool) -> None:
-    sources = {job.source.resolve() for job in jobs}
-    outputs = [path for job in jobs for path in (job.output, job.heatmap) if path is not None]
+def check_outputs(outputs: Sequence[Path], sources: Sequence[Path], overwrite: bool) -> None:
+    """Refuse, before anything is written, an output that would replace an input, or an existing one unless
+    `overwrite` (FileExistsError naming it)."""
+    sources = {source.resolve() for source in sources}
     for path in outputs:
         if path.resolve() in sources:
             raise FileExistsError(f"{path} would overwrite its own input; choose another output folder")
@@ -301,7 +302,8 @@ def translate_files(
     """
     batch_size = resolve_batch_size(batch_size, translator.batch_size)
     jobs = plan_outputs(inputs, out_dir, heatmap)
-    _check_outputs(jobs, overwrite)
+    outputs = [path for job in jobs for path in (job.output, job.heatmap) if path is not None]
+    check_outputs(outputs, [job.source for job in jobs], overwrite)
     _check_readable(jobs)
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     with ThreadPoolExecutor(LOAD_THREADS) as pool, tqdm(total=len(jobs), unit="img", disable=not progress) as bar:

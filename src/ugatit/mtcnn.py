@@ -207,10 +207,13 @@ def _nms_min(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndar
 # Box arithmetic (facenet-pytorch's detect_face helpers, same float32 operations in the same order)
 
 
-def _bbreg(boxes: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
-    """R-/O-Net box regression: offsets are fractions of the +1-pixel width and height."""
-    w = boxes[:, 2] - boxes[:, 0] + 1
-    h = boxes[:, 3] - boxes[:, 1] + 1
+def _bbreg(boxes: torch.Tensor, reg: torch.Tensor, plus_one: bool = True) -> torch.Tensor:
+    """Box regression: offsets are fractions of the width and height, +1-pixel ones after R-Net and O-Net, plain
+    ones after P-Net (facenet-pytorch's two conventions)."""
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    if plus_one:
+        w, h = w + 1, h + 1
     x1, y1 = boxes[:, 0] + reg[:, 0] * w, boxes[:, 1] + reg[:, 1] * h
     x2, y2 = boxes[:, 2] + reg[:, 2] * w, boxes[:, 3] + reg[:, 3] * h
     return torch.stack([x1, y1, x2, y2, boxes[:, 4]], dim=1)
@@ -336,19 +339,7 @@ class MTCNN:
             per_scale.append(rows[_batched_nms(rows[:, :4], rows[:, 4], 0.5)])
         boxes = torch.cat(per_scale) if per_scale else image.new_zeros(0, 9)
         boxes = boxes[_batched_nms(boxes[:, :4], boxes[:, 4], 0.7)]
-        regw = boxes[:, 2] - boxes[:, 0]
-        regh = boxes[:, 3] - boxes[:, 1]
-        boxes = torch.stack(
-            [
-                boxes[:, 0] + boxes[:, 5] * regw,
-                boxes[:, 1] + boxes[:, 6] * regh,
-                boxes[:, 2] + boxes[:, 7] * regw,
-                boxes[:, 3] + boxes[:, 8] * regh,
-                boxes[:, 4],
-            ],
-            dim=1,
-        )
-        boxes = _rerec(boxes)
+        boxes = _rerec(_bbreg(boxes[:, :5], boxes[:, 5:9], plus_one=False))
         rnet_input = boxes.cpu().numpy()
         if len(boxes) == 0:
             return Stages(rnet_input, empty, [])

@@ -203,7 +203,7 @@ def import_tf(
         for (name, key), tf_var in wanted.items():
             expected = shapes[name][key]
             layout = _layout(key, ckpt.shape(tf_var), config)
-            if layout.shape != tuple(expected) or math.prod(layout.view) != math.prod(expected):
+            if layout.shape != tuple(expected):
                 raise TFCheckpointError(
                     f"{ckpt.index_path}: {tf_var} has shape {list(ckpt.shape(tf_var))}, which does not fit "
                     f"{config.describe()} (read from the other variables)"

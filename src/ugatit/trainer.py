@@ -110,6 +110,9 @@ class Trainer:
         self.device = torch.device(device)
         self.nets = nets or build_networks(model)
         self.dtype, self.memory_format = prepare(self.nets, run, self.device)
+        # Real and fake batches go through a discriminator in one call only where its fast layers count the call as
+        # two power iterations (not the TF architecture's spectral norm).
+        self.stack_judges = run.fast and all(fast.is_fast(self.nets[name]) for name in DISCRIMINATORS)
         self.opt_G = _adam(itertools.chain(*(self.nets[n].parameters() for n in GENERATORS)), run)
         self.opt_D = _adam(itertools.chain(*(self.nets[n].parameters() for n in DISCRIMINATORS)), run)
         self.step = 0
@@ -183,8 +186,7 @@ class Trainer:
     ) -> tuple[dict[str, Outputs], dict[str, Outputs]]:
         """Every discriminator's scores of its domain's real batch and of the translations into it: real first,
         then fake, as the official code calls them (each training-mode call advances a power iteration)."""
-        paired = all(real[d].shape[0] == fake[d].shape[0] for d in "AB")
-        if self.run.fast and paired and all(fast.is_fast(net) for net in nets.values()):
+        if self.stack_judges and all(real[d].shape[0] == fake[d].shape[0] for d in "AB"):
             # A bf16 fake means autocast is on: the first convolution rounds the real batch to bf16 anyway.
             both = {name: fast.stacked(nets[name], real[d].to(fake[d].dtype), fake[d]) for name, d in JUDGES}
             return {name: pair[0] for name, pair in both.items()}, {name: pair[1] for name, pair in both.items()}
