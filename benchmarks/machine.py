@@ -47,3 +47,35 @@ def peak_gflops(dtype: torch.dtype, device: str = "cpu", reps: int = 5) -> float
             if i >= 2:  # warm-up first
                 times.append((time.perf_counter() - start) / 10)
     return flops / statistics.median(times) / 1e9
+
+
+def peak_int8_gops(reps: int = 5) -> float:
+    """The same convolution in ONNX Runtime's int8 kernel (uint8 activations, int8 weights, as `ugatit.quantize`
+    writes them) on the CPU, in GOP/s counted like FLOPs: the peak of the int8 path."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    scalars = {"xs": np.float32(0.02), "xz": np.uint8(128), "ws": np.float32(0.01), "wz": np.int8(0),
+               "ys": np.float32(0.05), "yz": np.uint8(128)}  # fmt: skip
+    weights = numpy_helper.from_array(rng.integers(-127, 128, (256, 256, 3, 3), dtype=np.int8), "w")
+    inits = [weights] + [numpy_helper.from_array(np.array(v), k) for k, v in scalars.items()]
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"])
+    graph = helper.make_graph(
+        [node], "peak", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 256, 66, 66])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = rng.integers(0, 256, (1, 256, 66, 66), dtype=np.uint8)
+    times = []
+    for i in range(reps + 2):
+        start = time.perf_counter()
+        for _ in range(10):
+            session.run(None, {"x": x})
+        if i >= 2:
+            times.append((time.perf_counter() - start) / 10)
+    return 2 * 256 * 256 * 9 * 64 * 64 / statistics.median(times) / 1e9

@@ -5,10 +5,13 @@
     python benchmarks/translate.py --device cuda
     python benchmarks/translate.py --arch official-tf          # the TF architecture of the authors' released models
     python benchmarks/translate.py --model selfie2anime.safetensors  # a model file's A2B generator
+    python benchmarks/translate.py --model m.safetensors --img-size 256 --calibration horse2zebra/testA  # real images
 
 Reports the median ms per image at batch 1 and the images per second at --batch-size, from random weights (speed
 does not depend on them) or a model file, alternating the backends in one process, and how far each backend's
-8-bit result is from the exact one on a test image. "official" is the official test-time call: the bare generator
+8-bit result is from the exact one on a test image. ONNX Runtime runs the fp32 export and its int8 quantization
+(`ugatit.quantize`), calibrated on --calibration (synthetic images by default; their error against fp32 on held-out
+images of that folder is printed). "official" is the official test-time call: the bare generator
 under no_grad in fp32, with the same image decoding and encoding around it. Beside each time: the generator's FLOP
 count, the machine's measured peak in the backend's dtype (`machine.peak_gflops`) and the fraction of it reached.
 ONNX Runtime is skipped when not installed.
@@ -17,6 +20,7 @@ ONNX Runtime is skipped when not installed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import statistics
 import tempfile
@@ -25,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import count_flops, describe_cpu, peak_gflops
+from machine import count_flops, describe_cpu, peak_gflops, peak_int8_gops
 from PIL import Image
 
 from ugatit.checkpoint import load_model, read_model_config, save_model
@@ -34,6 +38,7 @@ from ugatit.data import eval_transform, to_image
 from ugatit.fast import resolve_dtype
 from ugatit.inference import Translator
 from ugatit.models import build_generator
+from ugatit.synthetic import write_dataset
 from ugatit.tuning import enable_huge_pages
 
 
@@ -66,7 +71,7 @@ def timed(translate, images, reps: int) -> list[float]:
 def main() -> None:
     enable_huge_pages()  # before torch allocates anything, as `ugatit train` does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--img-size", type=int, default=256)
+    parser.add_argument("--img-size", type=int, help="default 256, or a --model's own (a light one takes any)")
     parser.add_argument("--ch", type=int, default=64)
     parser.add_argument("--full", action="store_true", help="full mode (default light)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -74,6 +79,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--arch", default="official", choices=ARCHS)
     parser.add_argument("--model", help="time this model file's A2B generator instead of random weights")
+    parser.add_argument("--calibration", help="int8: folder of input images (default: synthetic ones)")
     parser.add_argument(
         "--fast-dtype",
         default="auto",
@@ -85,8 +91,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
             checkpoint, config = Path(args.model), read_model_config(args.model)
+            if args.img_size is not None and args.img_size != config.img_size:  # a light model runs at any size
+                if not config.light:
+                    parser.error(f"--img-size: {args.model} is a full-mode model, bound to {config.img_size} px")
+                config, states = load_model(checkpoint, ["genA2B"])
+                config = dataclasses.replace(config, img_size=args.img_size)
+                checkpoint = Path(tmp) / "g.safetensors"
+                save_model(checkpoint, states, config)
         else:
-            config = ModelConfig(img_size=args.img_size, ch=args.ch, light=not args.full, arch=args.arch)
+            config = ModelConfig(img_size=args.img_size or 256, ch=args.ch, light=not args.full, arch=args.arch)
             torch.manual_seed(0)
             checkpoint = Path(tmp) / "g.safetensors"
             save_model(checkpoint, {"genA2B": build_generator(config).state_dict()}, config)
@@ -101,9 +114,14 @@ def main() -> None:
         try:
             from ugatit.export import export_onnx
             from ugatit.onnx_runtime import OnnxTranslator
+            from ugatit.quantize import quantize_onnx
 
             onnx_file = export_onnx(checkpoint, Path(tmp) / "g.onnx", "A2B")
             backends["onnxruntime"] = OnnxTranslator.from_file(onnx_file, args.device, args.batch_size)
+            calibration = args.calibration or write_dataset(Path(tmp) / "synthetic", config.img_size, 40, 0) / "trainA"
+            int8_file = Path(tmp) / "g_int8.onnx"
+            report = quantize_onnx(onnx_file, int8_file, calibration)
+            backends["onnxruntime int8"] = OnnxTranslator.from_file(int8_file, args.device, args.batch_size)
         except ImportError:
             print("onnxruntime not installed: skipped (pip install 'ugatit[onnx]')")
 
@@ -123,14 +141,21 @@ def main() -> None:
         with torch.no_grad():
             flops = count_flops(generator, torch.zeros(1, 3, config.img_size, config.img_size, device=args.device))
 
-    dtypes = {name: torch.float32 for name in backends} | {"torch fast": fast_dtype}
-    peaks = {dtype: peak_gflops(dtype, args.device) for dtype in set(dtypes.values())}
+    dtypes = {name: "float32" for name in backends} | {"torch fast": str(fast_dtype).removeprefix("torch.")}
+    if "onnxruntime int8" in backends:
+        dtypes["onnxruntime int8"] = "int8"
+    peaks = {
+        dtype: peak_int8_gops() if dtype == "int8" else peak_gflops(getattr(torch, dtype), args.device)
+        for dtype in dict.fromkeys(dtypes.values())
+    }
     print(f"translate, {args.model or 'random weights'}: {config.describe()}; torch {torch.__version__}, "
           f"{args.device}, {describe_cpu()}")  # fmt: skip
     print(f"generator: {flops / 1e9:.1f} GFLOP per image; measured peak (3x3 256-channel conv, 64 x 64): "
-          + ", ".join(f"{str(d).removeprefix('torch.')} {g:.0f} GFLOP/s" for d, g in peaks.items()))  # fmt: skip
+          + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items()))  # fmt: skip
+    if "onnxruntime int8" in backends:
+        print(f"int8 ({args.calibration or 'synthetic images'}): {report.describe()}")
     batch_title = f"images/s (batch {args.batch_size})"
-    print(f"{'backend':<13}{'dtype':>10}{'ms/image (batch 1)':>20}{'x official':>12}{'of peak':>9}{batch_title:>22}"
+    print(f"{'backend':<17}{'dtype':>9}{'ms/image (batch 1)':>20}{'x official':>12}{'of peak':>9}{batch_title:>22}"
           f"{'mean |x - exact| (8-bit)':>27}")  # fmt: skip
     official_ms = statistics.median(latency["official"]) * 1000
     for name in backends:
@@ -138,7 +163,7 @@ def main() -> None:
         ips = args.batch_size / statistics.median(throughput[name])
         dtype = dtypes[name]
         fraction = flops / (ms / 1000) / (peaks[dtype] * 1e9)
-        print(f"{name:<13}{str(dtype).removeprefix('torch.'):>10}{ms:>20.1f}{official_ms / ms:>12.2f}"
+        print(f"{name:<17}{dtype:>9}{ms:>20.1f}{official_ms / ms:>12.2f}"
               f"{fraction:>9.0%}{ips:>22.2f}{levels.get(name, 0.0):>27.2f}")  # fmt: skip
 
 

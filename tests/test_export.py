@@ -20,6 +20,7 @@ from ugatit.data import eval_transform  # noqa: E402
 from ugatit.export import ExportError, export_onnx  # noqa: E402
 from ugatit.inference import Translator, translate_files  # noqa: E402
 from ugatit.models import build_generator, build_networks  # noqa: E402
+from ugatit.norms import instance_layer_norm, instance_layer_norm_affine  # noqa: E402
 from ugatit.onnx_runtime import OnnxTranslator  # noqa: E402
 from ugatit.synthetic import make_sample  # noqa: E402
 from ugatit.trainer import Trainer  # noqa: E402
@@ -81,6 +82,25 @@ def reference(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         image, _, heatmap = model["torch"].generator(x)
     return image, heatmap
+
+
+@pytest.mark.parametrize("correction", [1, 0])  # the PyTorch code's unbiased variances, the TF code's biased ones
+@pytest.mark.parametrize("per_sample", [True, False])  # AdaILN's gamma and beta, ILN's
+def test_exported_norm_form_is_as_exact_as_the_official_one(correction, per_sample):
+    """The exported graph computes ILN / AdaILN as a scale and shift per (sample, channel): in fp32 it must stay as
+    close to the float64 value as the op-for-op formula (an offset mean is where a careless form loses digits)."""
+    g = torch.Generator().manual_seed(correction)
+    x = torch.randn(2, 16, 12, 10, generator=g) * 3 + 5
+    rho = torch.rand(1, 16, 1, 1, generator=g)
+    shape = (2, 16, 1, 1) if per_sample else (1, 16, 1, 1)
+    gamma, beta = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    args = (x, rho, gamma, beta)
+    truth = instance_layer_norm(*(t.double() for t in args), correction=correction)
+    official = (instance_layer_norm(*args, correction=correction).double() - truth).abs().max()
+    affine = (instance_layer_norm_affine(*args, correction=correction).double() - truth).abs().max()
+    assert affine <= 2 * official + 1e-6
+    wrong = instance_layer_norm_affine(*args, correction=1 - correction)
+    assert (wrong.double() - truth).abs().max() > 100 * official  # the correction is really applied
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from .devices import DEVICE_NAMES, DeviceError
 from .export import ExportError
 from .extras import require
 from .inception import InceptionWeightsError
+from .quantize import CALIBRATION_IMAGES
 from .tf_checkpoint import TFCheckpointError
 
 # ImportError: an optional extra that is not installed (the message names the pip command).
@@ -190,13 +192,29 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     _refuse_existing(out, args.overwrite)
+    if args.quantize and (args.format != "onnx" or not args.calibration):
+        raise ExportError("--quantize needs --format onnx and --calibration FOLDER (the generator's input images)")
+    if args.calibration and not args.quantize:
+        raise ExportError("--calibration is for --quantize int8; add it, or drop --calibration")
     args.checkpoint = _model_path(args.checkpoint)
     if args.format == "onnx":
         from .export import export_onnx
 
         direction = "A2B" if args.direction == "both" else args.direction
-        export_onnx(args.checkpoint, out, direction, heatmap=args.heatmap, uint8=args.uint8, opset=args.opset)
-        print(f"wrote {direction} ONNX model to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+        if args.quantize is None:
+            export_onnx(args.checkpoint, out, direction, heatmap=args.heatmap, uint8=args.uint8, opset=args.opset)
+            print(f"wrote {direction} ONNX model to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+            return
+        from .quantize import quantize_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = export_onnx(
+                args.checkpoint, Path(tmp) / "fp32.onnx", direction, heatmap=args.heatmap, uint8=args.uint8,
+                opset=args.opset,
+            )  # fmt: skip
+            report = quantize_onnx(fp32, out, args.calibration, args.calibration_images)
+        print(f"wrote {direction} ONNX model in {args.quantize} to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+        print(report.describe())
         return
     if args.format == "pretrained":
         from .hub import save_pretrained
@@ -500,6 +518,15 @@ def _add_export_parser(sub: Any) -> None:
     p.add_argument("--heatmap", action="store_true", help="onnx: add the attention heatmap as a second output")
     p.add_argument("--uint8", action="store_true", help="onnx: uint8 RGB in and out instead of floats in [-1, 1]")
     p.add_argument("--opset", type=int, default=None, help="onnx: opset version (default 17)")
+    p.add_argument(
+        "--quantize", choices=["int8"], default=None,
+        help="onnx: int8 convolutions, calibrated on --calibration (faster on CPUs; error printed)",
+    )  # fmt: skip
+    p.add_argument("--calibration", help="--quantize: folder of the generator's input images (e.g. trainA for A2B)")
+    p.add_argument(
+        "--calibration-images", type=_positive_int, default=CALIBRATION_IMAGES,
+        help=f"--quantize: how many of them calibrate (default {CALIBRATION_IMAGES}); others measure the error",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

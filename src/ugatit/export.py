@@ -19,8 +19,11 @@ below opset 18 (its reflection Pad does not convert down). Opset 17 runs on ONNX
 OpenVINO; every operator used here exists there. PyTorch has deprecated the TorchScript exporter since 2.9; should a
 release drop it, pass `dynamo=True`. The parts that need care export as follows, and the tests check each at a size
 other than the traced one: ReflectionPad2d -> Pad(mode="reflect"); adaptive pooling to 1 x 1 -> GlobalAveragePool /
-GlobalMaxPool, which are shape-agnostic; the unbiased `torch.var` of ILN / AdaILN -> ReduceMean with the n / (n - 1)
-factor computed from the runtime shape; nearest Upsample x2 -> Resize(nearest, scales 2).
+GlobalMaxPool, which are shape-agnostic; ILN / AdaILN -> their per-(sample, channel) scale-and-shift form
+(`norms.instance_layer_norm_affine`: two ReduceMeans, then three element-wise passes instead of about fifteen, with
+the n / (n - 1) factors computed from the runtime shape); nearest Upsample x2 -> Resize(nearest, scales 2).
+
+Reduced precision: `quantize.quantize_onnx` turns such a file into an int8 one.
 """
 
 from __future__ import annotations

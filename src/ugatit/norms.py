@@ -31,8 +31,11 @@ def instance_layer_norm(
     """rho * IN(x) + (1 - rho) * LN(x), then scaled by gamma and shifted by beta (all broadcast per channel).
 
     Written op for op as the official layers compute it, so that this path reproduces their numbers. The variance
-    is unbiased (`correction` 1) as in the official PyTorch code; the TF code's is biased (0).
+    is unbiased (`correction` 1) as in the official PyTorch code; the TF code's is biased (0). An ONNX export
+    writes the same function as `instance_layer_norm_affine`.
     """
+    if torch.onnx.is_in_onnx_export():
+        return instance_layer_norm_affine(x, rho, gamma, beta, eps, correction)
     in_mean = x.mean(dim=(2, 3), keepdim=True)
     in_var = x.var(dim=(2, 3), keepdim=True, correction=correction)
     out_in = (x - in_mean) / torch.sqrt(in_var + eps)
@@ -41,6 +44,36 @@ def instance_layer_norm(
     out_ln = (x - ln_mean) / torch.sqrt(ln_var + eps)
     out = rho * out_in + (1 - rho) * out_ln
     return out * gamma + beta
+
+
+def instance_layer_norm_affine(
+    x: torch.Tensor,
+    rho: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float = EPS,
+    correction: int = 1,
+) -> torch.Tensor:
+    """`instance_layer_norm` as one scale and shift per (sample, channel) of the centred input.
+
+    The form an exported graph runs fastest: two reductions, then three element-wise passes over x, where the
+    op-for-op formula takes about fifteen; in an int8 graph the dequantized convolution output also feeds one
+    node instead of several, so it is dequantized once. The layer statistics are combined from the channel ones
+    (parallel-variance formula) and every variance is taken from centred values, so in fp32 it is as close to the
+    exact value as the op-for-op formula.
+    """
+    n = x.shape[2] * x.shape[3]
+    in_mean = x.mean(dim=(2, 3), keepdim=True)
+    centred = x - in_mean
+    in_var = (centred * centred).mean(dim=(2, 3), keepdim=True)  # biased
+    ln_mean = in_mean.mean(dim=1, keepdim=True)
+    offset = in_mean - ln_mean
+    ln_var = (in_var + offset * offset).mean(dim=1, keepdim=True)  # biased
+    in_std = torch.sqrt(in_var * (n / (n - correction)) + eps)
+    ln_std = torch.sqrt(ln_var * (x.shape[1] * n / (x.shape[1] * n - correction)) + eps)
+    scale = gamma * (rho / in_std + (1 - rho) / ln_std)
+    shift = beta + gamma * (1 - rho) * offset / ln_std
+    return centred * scale + shift
 
 
 class AdaILN(nn.Module):

@@ -85,6 +85,9 @@ class SpectralLinear(nn.Linear):
         self.register_buffer("u", torch.randn(1))
 
 
+CORRECTION = 0  # the variances of ILN and AdaLIN are biased, as tf.nn.moments computes them
+
+
 class InstanceNorm(nn.Module):
     """`instance_norm`: affine, biased variance, eps 1e-5."""
 
@@ -106,9 +109,13 @@ class AdaLIN(nn.Module):
         self.smoothing = smoothing
         self.rho = nn.Parameter(torch.ones(channels))
 
+    def mixing_ratio(self) -> torch.Tensor:
+        """The rho the layer uses: smoothed, or as stored."""
+        return torch.clamp(self.rho - 0.1, 0.0, 1.0) if self.smoothing else self.rho
+
     def forward(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        rho = torch.clamp(self.rho - 0.1, 0.0, 1.0) if self.smoothing else self.rho
-        return instance_layer_norm(x, rho[:, None, None], gamma[:, :, None, None], beta[:, :, None, None], EPS, 0)
+        rho = self.mixing_ratio()[:, None, None]
+        return instance_layer_norm(x, rho, gamma[:, :, None, None], beta[:, :, None, None], EPS, CORRECTION)
 
 
 class LayerInstanceNorm(nn.Module):
@@ -122,7 +129,7 @@ class LayerInstanceNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_channel = (p[:, None, None] for p in (self.rho, self.gamma, self.beta))
-        return instance_layer_norm(x, *per_channel, EPS, 0)
+        return instance_layer_norm(x, *per_channel, EPS, CORRECTION)
 
 
 def _unit(dim: int, norm_name: str, norm: nn.Module) -> nn.Module:

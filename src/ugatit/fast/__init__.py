@@ -5,7 +5,8 @@ parameters, buffers and state_dict keys stay those of the official networks, so 
 either path and `remove(net)` (or `with exact(net):`) brings the exact computation back without a rebuild.
 
 What `apply` swaps in:
-* instance norms, ILN and AdaILN: fused one-pass kernels with an analytic backward (`fast/norms.py`);
+* instance norms, ILN and AdaILN: fused one-pass kernels with an analytic backward (`fast/norms.py`); the TF
+  architecture's ILN and AdaLIN (biased variances): their per-channel scale-and-shift form with fp32 statistics;
 * every reflection pad: one that keeps its input's dtype under autocast and only its shape for the backward;
 * the generators' pad + convolution (with the nearest upsampling before it): one node that keeps only its input,
   by Winograd in fp32 on CPUs where that pays (`convolution.py`, `winograd.py`);
@@ -28,9 +29,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _recompute
 
-from ..norms import ILN, AdaILN
+from .. import tf_models
+from ..norms import EPS, ILN, AdaILN
 from .convolution import lean_pad, pad_conv
-from .norms import instance_layer_norm_fused, instance_norm_fused
+from .norms import instance_layer_norm_fp32_affine, instance_layer_norm_fused, instance_norm_fused
 from .precision import autocast, memory_format, native_bf16, resolve_dtype
 from .spectral import is_spectral, spectral_conv, spectral_linear, stacked_calls
 
@@ -55,6 +57,16 @@ def _adailn(norm: AdaILN, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tens
 
 def _iln(norm: ILN, x: torch.Tensor) -> torch.Tensor:
     return instance_layer_norm_fused(x, norm.rho, norm.gamma, norm.beta, norm.eps)
+
+
+def _tf_adalin(norm: tf_models.AdaLIN, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    rho, gamma, beta = norm.mixing_ratio()[:, None, None], gamma[:, :, None, None], beta[:, :, None, None]
+    return instance_layer_norm_fp32_affine(x, rho, gamma, beta, EPS, tf_models.CORRECTION)
+
+
+def _tf_iln(norm: tf_models.LayerInstanceNorm, x: torch.Tensor) -> torch.Tensor:
+    rho, gamma, beta = (p[:, None, None] for p in (norm.rho, norm.gamma, norm.beta))
+    return instance_layer_norm_fp32_affine(x, rho, gamma, beta, EPS, tf_models.CORRECTION)
 
 
 def _instance_norm(norm: nn.InstanceNorm2d, x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +114,10 @@ def apply(net: nn.Module) -> nn.Module:
             _swap(module, _adailn)
         elif isinstance(module, ILN):
             _swap(module, _iln)
+        elif isinstance(module, tf_models.AdaLIN):
+            _swap(module, _tf_adalin)
+        elif isinstance(module, tf_models.LayerInstanceNorm):
+            _swap(module, _tf_iln)
         elif isinstance(module, nn.InstanceNorm2d):
             _swap(module, _instance_norm)
         elif discriminator and isinstance(module, nn.Conv2d):

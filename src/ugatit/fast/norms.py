@@ -32,11 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..norms import EPS, instance_layer_norm  # the exact formula, the fallback for shapes the kernels do not cover
+# instance_layer_norm: the exact formula, the fallback for shapes the kernels do not cover
+from ..norms import EPS, instance_layer_norm, instance_layer_norm_affine
 from .precision import autocast_off
 
 __all__ = [
     "instance_layer_norm_fused",
+    "instance_layer_norm_fp32_affine",
     "instance_norm_fused",
 ]
 
@@ -313,3 +315,12 @@ def instance_norm_fused(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
         return F.instance_norm(x, eps=eps)
     with autocast_off(x):
         return _InstanceNorm.apply(x, eps)
+
+
+def instance_layer_norm_fp32_affine(
+    x: torch.Tensor, rho: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float, correction: int
+) -> torch.Tensor:
+    """ILN / AdaILN with any variance correction (the TF architecture's biased ones, which the fused kernel does not
+    take): `norms.instance_layer_norm_affine` in fp32, returned in x's dtype. A third of the exact formula's passes
+    over x, statistics in fp32 under autocast, and plain differentiable ops."""
+    return instance_layer_norm_affine(x.float(), rho, gamma, beta, eps, correction).to(x.dtype)
