@@ -94,6 +94,19 @@ def assert_int8_convolutions(path) -> None:
     assert sum(conv.input[1] in initializers for conv in convs) == 1
 
 
+def test_unreadable_files_are_skipped_and_counted(files, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in sorted((files["data"] / "trainA").iterdir())[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    report = quantize_onnx(files["fp32"], tmp_path / "m.onnx", folder, images=8)
+    assert report.skipped == 1 and report.calibration_images == 3 and not report.held_out
+    assert "1 unreadable file(s) skipped" in report.describe() and "calibration (the folder had no others)" in (
+        report.describe()
+    )
+
+
 def test_convolutions_hold_int8_weights_and_the_outputs_stay(files):
     assert_int8_convolutions(files["int8"])
     translator = OnnxTranslator.from_file(files["int8"])

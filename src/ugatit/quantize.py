@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write
-from .config import model_config_from_dict
+from .config import ModelConfig, model_config_from_dict
 from .data import BadImageError, eval_transform, list_images, load_rgb, to_uint8
 from .export import FORMAT, IMAGE, INPUT, ExportError
 from .extras import require
@@ -79,15 +79,18 @@ def _spread(items: Sequence[Path], count: int) -> list[Path]:
     return [items[int(i * step)] for i in range(count)]
 
 
-def _readable(paths: Sequence[Path]) -> tuple[list, int]:
-    """The images among `paths` that decode, and how many did not."""
-    images = []
+def _inputs(paths: Sequence[Path], config: ModelConfig, uint8: bool) -> tuple[list[np.ndarray], int]:
+    """The model inputs (1 x 3 x H x W, as the file takes them) of the images among `paths` that decode, each
+    transformed as the translators do, and how many did not decode. Only the small inputs are kept: a folder of
+    full-size photos never sits in memory."""
+    inputs = []
     for path in paths:
         try:
-            images.append(load_rgb(path))
+            x = eval_transform(load_rgb(path), config.img_size, config.keep_aspect)[None]
         except BadImageError:
             continue
-    return images, len(paths) - len(images)
+        inputs.append(to_uint8(x).numpy() if uint8 else x.numpy())
+    return inputs, len(paths) - len(inputs)
 
 
 class _Batches:
@@ -169,16 +172,11 @@ def quantize_onnx(
     paths = list_images(calibration)
     chosen = _spread(paths, images)
     rest = [p for p in paths if p not in set(chosen)]
-    calibration_set, skipped = _readable(chosen)
+    calibration_set, skipped = _inputs(chosen, config, uint8)
     if not calibration_set:
         raise ExportError(f"{calibration}: no readable images to calibrate on; point --calibration at a folder of "
                           "the generator's input images (e.g. trainA for A2B)")  # fmt: skip
-    held_out, skipped_held_out = _readable(_spread(rest, HELD_OUT_IMAGES))
-
-    def arrays(pictures) -> Iterator[np.ndarray]:
-        for picture in pictures:
-            x = eval_transform(picture, config.img_size, config.keep_aspect)[None]
-            yield to_uint8(x).numpy() if uint8 else x.numpy()
+    held_out, skipped_held_out = _inputs(_spread(rest, HELD_OUT_IMAGES), config, uint8)
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32, quantized = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
@@ -186,7 +184,7 @@ def quantize_onnx(
         onnx.save(proto, str(fp32))
         with _quiet_root_logger():  # onnxruntime logs generic pre-processing advice on the root logger
             quantize_static(
-                str(fp32), str(quantized), _Batches(arrays(calibration_set)),
+                str(fp32), str(quantized), _Batches(iter(calibration_set)),
                 quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 per_channel=True, op_types_to_quantize=list(QUANTIZED_OPS),
                 nodes_to_exclude=_narrow_convolutions(proto),
@@ -195,7 +193,7 @@ def quantize_onnx(
             )  # fmt: skip
         proto = onnx.load(str(quantized))
         report = _compare(
-            ort, source, quantized, arrays(held_out or calibration_set), len(calibration_set),
+            ort, source, quantized, held_out or calibration_set, len(calibration_set),
             skipped + skipped_held_out, bool(held_out),
         )  # fmt: skip
     del proto.metadata_props[:]
@@ -214,12 +212,12 @@ def quantize_onnx(
 
 
 def _compare(
-    ort, fp32: Path, int8: Path, arrays: Iterator[np.ndarray], calibrated: int, skipped: int, held_out: bool
+    ort, fp32: Path, int8: Path, inputs: list[np.ndarray], calibrated: int, skipped: int, held_out: bool
 ) -> QuantizeReport:
     """Both files on each input, their outputs as 8-bit images, and the differences summed up."""
     sessions = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for f in (fp32, int8)]
     diffs = []
-    for x in arrays:
+    for x in inputs:
         a, b = (torch.from_numpy(session.run([IMAGE], {INPUT: x})[0]) for session in sessions)
         if a.dtype != torch.uint8:
             a, b = to_uint8(a), to_uint8(b)
