@@ -24,7 +24,7 @@ from .devices import DEVICE_NAMES, DeviceError
 from .export import ExportError
 from .extras import require
 from .inception import InceptionWeightsError
-from .quantize import CALIBRATION_IMAGES
+from .quantize import CALIBRATION_IMAGES, quantize_onnx
 from .tf_checkpoint import TFCheckpointError
 
 # ImportError: an optional extra that is not installed (the message names the pip command).
@@ -205,8 +205,6 @@ def cmd_export(args: argparse.Namespace) -> None:
             export_onnx(args.checkpoint, out, direction, heatmap=args.heatmap, uint8=args.uint8, opset=args.opset)
             print(f"wrote {direction} ONNX model to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
             return
-        from .quantize import quantize_onnx
-
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = export_onnx(
                 args.checkpoint, Path(tmp) / "fp32.onnx", direction, heatmap=args.heatmap, uint8=args.uint8,
@@ -520,7 +518,7 @@ def _add_export_parser(sub: Any) -> None:
     p.add_argument("--opset", type=int, default=None, help="onnx: opset version (default 17)")
     p.add_argument(
         "--quantize", choices=["int8"], default=None,
-        help="onnx: int8 convolutions, calibrated on --calibration (faster on CPUs; error printed)",
+        help="onnx: int8 convolutions calibrated on --calibration, for CPUs with VNNI or AMX (its error is printed)",
     )  # fmt: skip
     p.add_argument("--calibration", help="--quantize: folder of the generator's input images (e.g. trainA for A2B)")
     p.add_argument(
