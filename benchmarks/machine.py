@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+PEAK_CONV_FLOPS = 2 * 256 * 256 * 9 * 64 * 64  # the peak's convolution: 3x3, 256 -> 256 channels, 64 x 64 output
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
@@ -35,18 +36,14 @@ def peak_gflops(dtype: torch.dtype, device: str = "cpu", reps: int = 5) -> float
     `dtype`: the highest rate measured here for the work these models do, taken as the machine's peak."""
     x = torch.randn(1, 256, 66, 66, device=device).to(dtype=dtype, memory_format=torch.channels_last)
     w = torch.randn(256, 256, 3, 3, device=device).to(dtype=dtype, memory_format=torch.channels_last)
-    flops = 2 * 256 * 256 * 9 * 64 * 64
-    times = []
+
+    def call() -> None:
+        F.conv2d(x, w)
+        if device != "cpu":
+            torch.cuda.synchronize()
+
     with torch.inference_mode():
-        for i in range(reps + 2):
-            start = time.perf_counter()
-            for _ in range(10):
-                F.conv2d(x, w)
-            if device != "cpu":
-                torch.cuda.synchronize()
-            if i >= 2:  # warm-up first
-                times.append((time.perf_counter() - start) / 10)
-    return flops / statistics.median(times) / 1e9
+        return PEAK_CONV_FLOPS / _seconds_per_call(call, reps) / 1e9
 
 
 def peak_int8_gops(reps: int = 5) -> float:
@@ -71,11 +68,16 @@ def peak_int8_gops(reps: int = 5) -> float:
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     x = rng.integers(0, 256, (1, 256, 66, 66), dtype=np.uint8)
+    return PEAK_CONV_FLOPS / _seconds_per_call(lambda: session.run(None, {"x": x}), reps) / 1e9
+
+
+def _seconds_per_call(call, reps: int) -> float:
+    """Median seconds of one `call`, over `reps` rounds of 10 calls after 2 warm-up rounds."""
     times = []
     for i in range(reps + 2):
         start = time.perf_counter()
         for _ in range(10):
-            session.run(None, {"x": x})
+            call()
         if i >= 2:
             times.append((time.perf_counter() - start) / 10)
-    return 2 * 256 * 256 * 9 * 64 * 64 / statistics.median(times) / 1e9
+    return statistics.median(times)

@@ -212,6 +212,17 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def stored_networks(path: str | os.PathLike) -> set[str]:
+    """The names of the networks a model file (or what `resolve_model` makes of a path) holds, read from its header."""
+    file = resolve_model(path)
+    with _open(file) as f:
+        return _networks(f)
+
+
+def _networks(f: Any) -> set[str]:
+    return {key.partition(".")[0] for key in f.keys()}
+
+
 def _model_config(file: Path, metadata: dict[str, str]) -> ModelConfig:
     stored = metadata.get("model_config", metadata.get("config"))  # "config": written before the split
     if metadata.get("format") != "ugatit" or stored is None:
@@ -234,7 +245,7 @@ def load_model(
     file = resolve_model(path)
     with _open(file) as f:
         config = _model_config(file, f.metadata() or {})
-        stored = {key.partition(".")[0] for key in f.keys()}
+        stored = _networks(f)
         wanted = list(networks) if networks is not None else [n for n in NETWORKS if n in stored]
         missing = [n for n in wanted if n not in stored]
         if missing:

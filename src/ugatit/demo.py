@@ -21,7 +21,7 @@ from typing import Any
 from PIL import Image
 
 from .backends import load_translator
-from .checkpoint import CheckpointError, read_metadata, resolve_model
+from .checkpoint import CheckpointError, read_metadata, resolve_model, stored_networks
 from .data import BadImageError, eval_transform, load_rgb, to_image
 from .models import DIRECTIONS
 
@@ -54,10 +54,7 @@ class PageResult:
 
 def model_directions(path: str | os.PathLike) -> list[str]:
     """The directions a model file (or folder) holds: those of its stored generators."""
-    from safetensors import safe_open
-
-    with safe_open(resolve_model(path), framework="pt") as f:
-        stored = {key.partition(".")[0] for key in f.keys()}
+    stored = stored_networks(path)
     return [direction for direction, generator in DIRECTIONS.items() if generator in stored]
 
 

@@ -171,7 +171,8 @@ def quantize_onnx(
 
     paths = list_images(calibration)
     chosen = _spread(paths, images)
-    rest = [p for p in paths if p not in set(chosen)]
+    calibrating = set(chosen)
+    rest = [p for p in paths if p not in calibrating]
     calibration_set, skipped = _inputs(chosen, config, uint8)
     if not calibration_set:
         raise ExportError(f"{calibration}: no readable images to calibrate on; point --calibration at a folder of "
