@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+onnxruntime = pytest.importorskip("onnxruntime")
 
 from ugatit.checkpoint import save_model  # noqa: E402
 from ugatit.cli import main  # noqa: E402
@@ -76,22 +76,64 @@ def test_report_says_what_it_measured(files):
 def assert_int8_convolutions(path) -> None:
     """Every convolution but the RGB output layer reads int8 weights (and int32 biases, where it has any) through
     DequantizeLinear: the QDQ form that ONNX Runtime turns into its int8 kernel. The output layer, with its three
-    output channels, keeps fp32 weights (ONNX Runtime's int8 kernel is slow on so narrow an output)."""
+    output channels, keeps fp32 weights (ONNX Runtime's int8 kernel is slow on so narrow an output) and runs on
+    2 x 2 blocks of its input: 12 output channels between a SpaceToDepth and a DepthToSpace."""
     proto = onnx.load(str(path))
     initializers = {t.name: t for t in proto.graph.initializer}
     producers = {out: node for node in proto.graph.node for out in node.output}
+    consumers = {name: node for node in proto.graph.node for name in node.input}
     convs = [node for node in proto.graph.node if node.op_type == "Conv"]
     assert len(convs) > 2
     for conv in convs:
         if conv.input[1] in initializers:  # a float weight: only the RGB output layer
-            assert initializers[conv.input[1]].dims[0] == 3
+            assert initializers[conv.input[1]].dims[0] == 4 * 3
             assert initializers[conv.input[1]].data_type == onnx.TensorProto.FLOAT
+            assert producers[conv.input[0]].op_type == "SpaceToDepth"
+            assert consumers[conv.output[0]].op_type == "DepthToSpace"
             continue
         for name, dtype in zip(conv.input[1:], (onnx.TensorProto.INT8, onnx.TensorProto.INT32), strict=False):
             dequantize = producers[name]
             assert dequantize.op_type == "DequantizeLinear"
             assert initializers[dequantize.input[0]].data_type == dtype
     assert sum(conv.input[1] in initializers for conv in convs) == 1
+
+
+def test_pads_and_upsampling_run_on_uint8_maps(files):
+    """Reflection pads and nearest upsampling only copy values, so the int8 file runs them on the quantized maps
+    (ONNX Runtime would otherwise dequantize, copy in fp32 and quantize again), and the size queries of the exported
+    norms read the quantized maps instead of a dequantized copy."""
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(files["int8"])))
+    dtypes = {info.name: info.type.tensor_type.elem_type for info in proto.graph.value_info}
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    moves = [node for node in proto.graph.node if node.op_type in ("Pad", "Resize")]
+    assert {node.op_type for node in moves} == {"Pad", "Resize"}
+    for node in moves:
+        assert dtypes[node.input[0]] == dtypes[node.output[0]] == onnx.TensorProto.UINT8, node.name
+    shapes = [node for node in proto.graph.node if node.op_type == "Shape"]
+    assert shapes and not any(producers[node.input[0]].op_type == "DequantizeLinear" for node in shapes)
+
+
+def test_output_layer_on_blocks_is_the_fp32_layer(files, tmp_path):
+    """The int8 file's RGB output layer, rearranged to run on 2 x 2 blocks of its input, computes the fp32 export's
+    layer: its output against the fp32 weights applied to the same input, read from the file's own tensors."""
+    proto = onnx.load(str(files["int8"]))
+    blocks_in = next(node for node in proto.graph.node if node.op_type == "SpaceToDepth")
+    blocks_out = next(node for node in proto.graph.node if node.op_type == "DepthToSpace")
+    del proto.graph.output[:]
+    proto.graph.output.extend(
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+         for name in (blocks_in.input[0], blocks_out.output[0])]
+    )  # fmt: skip
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
+    layer_in, layer_out = session.run(None, {session.get_inputs()[0].name: x})
+    fp32 = onnx.load(str(files["fp32"]))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in fp32.graph.initializer}
+    rgb = next(n for n in fp32.graph.node if n.op_type == "Conv" and weights.get(n.input[1], np.zeros(9)).shape[0] == 3)
+    bias = torch.tensor(weights[rgb.input[2]]) if len(rgb.input) > 2 else None
+    expected = torch.nn.functional.conv2d(torch.tensor(layer_in), torch.tensor(weights[rgb.input[1]]), bias)
+    assert layer_out.shape == expected.shape == (2, 3, 64, 64)
+    assert np.abs(layer_out - expected.numpy()).max() <= 1e-4 * max(1.0, np.abs(expected.numpy()).max())
 
 
 def test_unreadable_files_are_skipped_and_counted(files, tmp_path):
