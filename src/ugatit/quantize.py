@@ -174,11 +174,14 @@ def _data_movement_in_uint8(proto) -> None:
     graph = proto.graph
     producers = {out: node for node in graph.node for out in node.output}
     consumers = _consumers(graph)
+    outputs = {output.name for output in graph.output}
     removed, moved = set(), set()
     for node in list(graph.node):
         after = consumers.get(node.output[0], [])
         if not _moves_values_only(node) or not after or any(q.op_type != "QuantizeLinear" for q in after):
             continue
+        if outputs & {node.output[0], *(q.output[0] for q in after)} or not all(q.name for q in after):
+            continue  # a graph output keeps its name; unnamed nodes could not be told apart below
         params = list(after[0].input[1:])  # scale and zero point, the same for both ends of the op
         if any(list(q.input[1:]) != params for q in after):
             continue
@@ -204,7 +207,7 @@ def _data_movement_in_uint8(proto) -> None:
         if before is not None and before.op_type == "DequantizeLinear":
             node.input[0] = before.input[0]
     kept = [node for node in graph.node if node.name not in removed]
-    used = set(_consumers(graph)) | {output.name for output in graph.output}
+    used = set(_consumers(graph)) | outputs
     kept = [node for node in kept if node.op_type != "DequantizeLinear" or node.output[0] in used]
     del graph.node[:]
     graph.node.extend(kept)
