@@ -113,7 +113,7 @@ def test_pads_and_upsampling_run_on_uint8_maps(files):
     assert shapes and not any(producers[node.input[0]].op_type == "DequantizeLinear" for node in shapes)
 
 
-def test_output_layer_on_blocks_is_the_fp32_layer(files, tmp_path):
+def test_output_layer_on_blocks_is_the_fp32_layer(files):
     """The int8 file's RGB output layer, rearranged to run on 2 x 2 blocks of its input, computes the fp32 export's
     layer: its output against the fp32 weights applied to the same input, read from the file's own tensors."""
     proto = onnx.load(str(files["int8"]))

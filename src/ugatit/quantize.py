@@ -206,9 +206,11 @@ def _data_movement_in_uint8(proto) -> None:
         before = producers.get(node.input[0]) if node.op_type == "Shape" else None
         if before is not None and before.op_type == "DequantizeLinear":
             node.input[0] = before.input[0]
-    kept = [node for node in graph.node if node.name not in removed]
     used = set(_consumers(graph)) | outputs
-    kept = [node for node in kept if node.op_type != "DequantizeLinear" or node.output[0] in used]
+    kept = [
+        node for node in graph.node
+        if node.name not in removed and (node.op_type != "DequantizeLinear" or node.output[0] in used)
+    ]  # fmt: skip
     del graph.node[:]
     graph.node.extend(kept)
     value_info = [info for info in graph.value_info if info.name not in moved]  # their dtype is uint8 now
@@ -228,11 +230,10 @@ def _narrow_convolutions_on_blocks(proto) -> None:
     graph = proto.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     narrow = set(_narrow_convolutions(proto))
-    for node in list(graph.node):
+    for node in [node for node in graph.node if node.name in narrow]:
         attributes = {attr.name: np.ravel(helper.get_attribute_value(attr)) for attr in node.attribute}
-        plain = all(set(attributes.get(key, [default])) == {default} for key, default in
-                    (("strides", 1), ("dilations", 1), ("pads", 0), ("group", 1)))  # fmt: skip
-        if node.name not in narrow or not plain:
+        if not all(set(attributes.get(key, [default])) == {default} for key, default in
+                   (("strides", 1), ("dilations", 1), ("pads", 0), ("group", 1))):  # fmt: skip
             continue
         weight = numpy_helper.to_array(initializers[node.input[1]])
         out, cin, kh, kw = weight.shape
@@ -257,10 +258,10 @@ def _narrow_convolutions_on_blocks(proto) -> None:
         graph.node.remove(node)
         for offset, new in enumerate(replacement):
             graph.node.insert(index + offset, new)
-        used = {name for other in graph.node for name in other.input}
-        kept = [tensor for tensor in graph.initializer if tensor.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+    used = set(_consumers(graph))  # the replaced layers' own weights are no longer
+    kept = [tensor for tensor in graph.initializer if tensor.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def _metadata(proto) -> dict[str, str]:
