@@ -25,6 +25,24 @@ from ..norms import SpectralNorm, eager
 from .precision import autocast_off
 
 _CALLS = contextvars.ContextVar("ugatit_fast_calls", default=1)
+_ONEDNN_PRODUCT = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _product(rows: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """rows @ matrix^T in fp32. On a CPU by oneDNN's inner product (the op torch.compile's CPU code calls), which
+    streams a wide matrix against a few rows much faster than the MKL GEMM behind `@` (docs/performance.md,
+    "The 128 px step"); `matrix` may be a transposed view."""
+    if _ONEDNN_PRODUCT and rows.device.type == "cpu":
+        return torch.ops.mkldnn._linear_pointwise(rows, matrix, None, "none", [], "")
+    return rows @ matrix.t()
+
+
+def _weight_grad(grad_rows: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad_rows^T @ rows written straight into a tensor of W's shape, which autograd then adopts as W's gradient
+    instead of copying it. (A plain GEMM: oneDNN's inner product was slower on this transposed form.)"""
+    grad = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    torch.mm(grad_rows.t(), rows, out=grad.flatten(1))
+    return grad
 
 
 @contextlib.contextmanager
@@ -81,17 +99,15 @@ class _SpectralMatmul(torch.autograd.Function):
     Forward: one product W [cols; v_1; ...; v_k]^T gives both cols @ W^T and every W v_k, hence u_k =
     normalize(W v_k) and sigma_k (the last u is returned for the caller to store).
     Backward: with gz = gy / sigma and dsigma_k = -sum(gy * cols @ W^T over call k's rows) / sigma_k^2, grad W =
-    gz^T cols + sum_k dsigma_k u_k v_k^T is one product [gz; dsigma_k u_k]^T [cols; v_k], written straight into a
-    tensor of W's shape (autograd then adopts it as W's gradient instead of copying it), and grad cols = gz W.
-    The products are arranged as W @ X rather than X @ W^T, the faster order for these wide matrices.
+    gz^T cols + sum_k dsigma_k u_k v_k^T is one product [gz; dsigma_k u_k]^T [cols; v_k], and grad cols = gz W.
     """
 
     @staticmethod
     def forward(ctx, cols, weight, vs, u, training: bool, eps: float):
         weight_mat = weight.flatten(1)
         calls = vs.shape[0]
-        both = weight_mat @ torch.cat([cols, vs]).t()
-        z, wv = both[:, :-calls].t(), both[:, -calls:]
+        both = _product(torch.cat([cols, vs]), weight_mat)
+        z, wv = both[:-calls], both[-calls:].t()
         us = F.normalize(wv, dim=0, eps=eps) if training else u.clone()[:, None].expand(-1, calls)
         sigmas = (us * wv).sum(0)
         row_sigma = sigmas.repeat_interleave(z.shape[0] // calls)[:, None]
@@ -105,14 +121,29 @@ class _SpectralMatmul(torch.autograd.Function):
     def backward(ctx, gy, _):
         cols, weight, vs, us, z, row_sigma = ctx.saved_tensors
         gz = gy / row_sigma
-        grad_cols = gz @ weight.flatten(1) if ctx.needs_input_grad[0] else None
+        grad_cols = _product(gz, weight.flatten(1).t()) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[1]:
             calls = vs.shape[0]
             dsigma = -(gy * z).reshape(calls, -1).sum(1) / row_sigma.view(calls, -1)[:, 0] ** 2
-            grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
-            torch.mm(torch.cat([gz, (us * dsigma).t()]).t(), torch.cat([cols, vs]), out=grad_weight.flatten(1))
+            grad_weight = _weight_grad(torch.cat([gz, (us * dsigma).t()]), torch.cat([cols, vs]), weight)
         return grad_cols, grad_weight, None, None, None, None
+
+
+class _Matmul(torch.autograd.Function):
+    """y = cols @ W^T for a layer without spectral norm, with `_SpectralMatmul`'s products."""
+
+    @staticmethod
+    def forward(ctx, cols, weight):
+        ctx.save_for_backward(cols, weight)
+        return _product(cols, weight.flatten(1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        cols, weight = ctx.saved_tensors
+        grad_cols = _product(gy, weight.flatten(1).t()) if ctx.needs_input_grad[0] else None
+        return grad_cols, _weight_grad(gy, cols, weight) if ctx.needs_input_grad[1] else None
 
 
 def _windows(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
@@ -153,7 +184,7 @@ def spectral_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             if spectral:
                 y = spectral_matmul(spectral[0], cols, weight, calls)
             else:
-                y = (weight.flatten(1) @ cols.float().t()).t()
+                y = _Matmul.apply(cols.float(), weight)
         y = y.reshape(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
     else:
         y = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
