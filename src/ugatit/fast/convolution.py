@@ -1,6 +1,6 @@
 """The fast path's reflection pads and generator convolutions.
 
-Three savings that change no number:
+Two savings that change no number:
 
 * `lean_pad`: PyTorch's reflection pad keeps its whole input for the backward, which needs only the input's shape;
   in a training step that pinned the generators' residual-block inputs and upsampled maps, which nothing else keeps.
@@ -9,12 +9,14 @@ Three savings that change no number:
 * `pad_conv`: conv(pad(x)), or conv(pad(upsample(x))), as one autograd node that keeps only x for the backward and
   recomputes the rest there (the library's layers keep the padded copy, and x is most often kept anyway, by the
   ReLU before it).
-* In fp32 on a CPU the large 3 x 3 layers run by Winograd (`winograd.py`), and in fp32 inference the RGB output
-  layer (3 output channels) runs in NHWC, where oneDNN's kernel is much faster than its NCHW one.
 
-One form that rounds differently (the same function in real arithmetic): the upsampling stages (nearest 2x, pad 1,
-3 x 3) run as a 2 x 2 convolution of the small map with four times the outputs (`subpixel.py`), in training and
-inference, on every device: fewer than half the products, and no upsampled map.
+And faster forms of the same function, which round differently:
+
+* the upsampling stages (nearest 2x, pad 1, 3 x 3) as one 2 x 2 convolution of the small map with four times the
+  outputs (`subpixel.py`), in training and inference, on every device: fewer than half the products, and no
+  upsampled map;
+* in fp32 on a CPU the other large 3 x 3 layers by Winograd (`winograd.py`), and in fp32 inference the RGB output
+  layer (3 output channels) in NHWC, where oneDNN's kernel is much faster than its NCHW one.
 
 docs/performance.md ("Where the memory of a step goes") has the activation memory each saving removes.
 """
