@@ -71,7 +71,8 @@ def lean_pad(pad: nn.ReflectionPad2d, x: torch.Tensor) -> torch.Tensor:
 class _PadConv(torch.autograd.Function):
     # The same kernels in the same dtypes as autocast's layers (x upsampled and padded in its own dtype, convolved
     # in `dtype`, its gradient back in its own dtype), so the same numbers; x is kept in `dtype`, which upsamples
-    # and pads to the same values.
+    # and pads to the same values. The weight is kept as the parameter and cast again in the backward: a kept cast
+    # would hold a second copy of every generator weight per pass until the G update's backward.
 
     @staticmethod
     def forward(
@@ -84,8 +85,9 @@ class _PadConv(torch.autograd.Function):
         scale: float | None,
     ) -> torch.Tensor:
         kept = x.to(dtype)
-        ctx.stride, ctx.padding, ctx.scale, ctx.input_dtype = stride, padding, scale, x.dtype
+        ctx.stride, ctx.padding, ctx.scale, ctx.input_dtype, ctx.dtype = stride, padding, scale, x.dtype, dtype
         ctx.save_for_backward(kept, weight)
+        weight = weight.to(dtype)
         ctx.subpixel = subpixel.fits(weight, scale, padding, stride)
         if ctx.subpixel:
             return subpixel.forward(kept, weight)
@@ -97,14 +99,16 @@ class _PadConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
-        kept, weight = ctx.saved_tensors
+        kept, parameter = ctx.saved_tensors
         need_x, need_weight = ctx.needs_input_grad[:2]
+        weight = parameter.to(ctx.dtype)
         with autocast_off(grad):  # a backward run inside autocast would have its pads cast up
             if ctx.subpixel:
                 grad_x, grad_weight = subpixel.backward(grad, kept, weight, need_x, need_weight)
             else:
                 grad_x, grad_weight = _pad_conv_grads(ctx, grad, kept, weight, need_x, need_weight)
-        return None if grad_x is None else grad_x.to(ctx.input_dtype), grad_weight, None, None, None, None
+        grad_x = None if grad_x is None else grad_x.to(ctx.input_dtype)
+        return grad_x, None if grad_weight is None else grad_weight.to(parameter.dtype), None, None, None, None
 
 
 def _pad_conv_grads(
@@ -165,11 +169,10 @@ def pad_conv(conv: nn.Conv2d, pad: nn.ReflectionPad2d, upsample: nn.Upsample | N
     stage = subpixel.fits(conv.weight, scale, pad.padding, conv.stride)
     if (not training and not stage) or torch.compiler.is_compiling():
         return _conv(conv, lean_pad(pad, _upsampled(x, scale)))
-    weight, dtype = conv.weight, x.dtype
+    dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):  # convolve in the dtype autocast would have
         dtype = torch.get_autocast_dtype(x.device.type)
-        weight = weight.to(dtype)
     with autocast_off(x):
         if not training:
-            return subpixel.forward(x.to(dtype), weight)
-        return _PadConv.apply(x, weight, pad.padding, conv.stride, dtype, scale)
+            return subpixel.forward(x.to(dtype), conv.weight.to(dtype))
+        return _PadConv.apply(x, conv.weight, pad.padding, conv.stride, dtype, scale)
