@@ -9,9 +9,11 @@ What `apply` swaps in:
   architecture's ILN and AdaLIN (biased variances): their per-channel scale-and-shift form with fp32 statistics;
 * every reflection pad: one that keeps its input's dtype under autocast and only its shape for the backward;
 * the generators' pad + convolution (with the nearest upsampling before it): one node that keeps only its input,
-  by Winograd in fp32 on CPUs where that pays (`convolution.py`, `winograd.py`);
+  the upsampling stages as 2 x 2 convolutions of the small map (`subpixel.py`), the other large layers by Winograd
+  in fp32 on CPUs where that pays (`convolution.py`, `winograd.py`);
 * the discriminators' convolutions and CAM classifiers: spectral norm applied to the output, small outputs as a
-  fused matrix product with the power iteration, and stacked calls (`spectral.py`, `stacked`).
+  fused matrix product with the power iteration (oneDNN's inner product on a CPU), and stacked calls
+  (`spectral.py`, `stacked`).
 
 `lean(net)` swaps in the pads alone: the same numbers to the last bit, less memory, for the exact path.
 `checkpoint(generator)` recomputes block insides in the backward instead of storing them (either path).
