@@ -9,6 +9,7 @@ from fp32 by a median ~7 % per tensor (up to ~70 % on the cancellation-dominated
 is on the median.
 """
 
+import contextlib
 import dataclasses
 import statistics
 
@@ -453,3 +454,79 @@ def test_fast_fp32_step_keeps_fp32_activations():
         assert not torch.is_autocast_enabled("cpu")
         out = quick.nets["genA2B"](a.contiguous(memory_format=torch.channels_last))[0]
     assert out.dtype == torch.float32
+
+
+def _judged_twice(deferred: bool):
+    """A fast global discriminator at 128 px (its deep layers in the product form) judged and updated by fused Adam
+    from a fixed start: the deferred factors (or None), the gradients autograd left, and the updated weights."""
+    torch.manual_seed(0)
+    disc = fast.apply(Discriminator(16, 7))
+    optimizer = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.5, 0.999), weight_decay=1e-4, fused=True)
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):  # the second update runs on Adam moments the first one left
+        with fast.deferred_weight_grads() if deferred else contextlib.nullcontext() as pending:
+            scores = fast.stacked(disc, x[:1], x[1:])  # real and fake, as the D update judges them
+            sum(out.square().mean() + cam.square().mean() for out, cam, _ in scores).backward()
+        grads = {name: p.grad for name, p in disc.named_parameters()}
+        factored = pending.factors if pending is not None else {}
+        built = {name: pending.grad(p) for name, p in disc.named_parameters() if p in factored}
+        assert pending is None or pending.finite()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if pending is not None:
+            pending.step(optimizer)
+    return built, grads, {name: p.detach().clone() for name, p in disc.named_parameters()}, disc
+
+
+def test_deferred_weight_gradients_are_the_ones_autograd_writes_and_update_the_same():
+    """The discriminators' weight-bound layers can leave their weight gradients as thin factors, built one at a time
+    in the update: bit for bit the gradients and the Adam update of the plain backward, in a fraction of the memory
+    until then."""
+    _, plain_grads, plain_weights, _ = _judged_twice(deferred=False)
+    built, grads, weights, disc = _judged_twice(deferred=True)
+    assert {"conv1x1.weight", "model.16.parametrizations.weight.original"} <= built.keys()  # the 512 x 1024 layers
+    for name, grad in built.items():
+        assert grads[name] is None and torch.equal(grad, plain_grads[name]), name
+    for name, grad in grads.items():
+        assert name in built or torch.equal(grad, plain_grads[name]), name
+    assert all(torch.equal(weights[name], plain_weights[name]) for name in weights)
+    assert all(p.grad is None for p in disc.parameters())
+
+
+def test_deferred_gradients_report_non_finite_values_and_overflowing_products():
+    weight = torch.zeros(4, 6)
+    pending = fast.DeferredGrads()
+    pending.add(weight, torch.ones(2, 4), torch.ones(2, 6))
+    assert pending.finite()
+    pending.add(weight, torch.full((2, 4), 1e30), torch.full((2, 6), 1e30))  # finite factors, product overflows
+    assert not pending.finite()
+    nan = fast.DeferredGrads()
+    nan.add(weight, torch.tensor([[float("nan"), 0, 0, 0]]), torch.ones(1, 6))
+    assert not nan.finite()
+    large = fast.DeferredGrads()  # past the cheap bound, yet a finite product: built and checked
+    large.add(weight, torch.tensor([[1e19, 0, 0, 0]]), torch.tensor([[2e19, 0, 0, 0, 0, 0]]))
+    large.add(weight, torch.tensor([[0, 2e19, 0, 0]]), torch.tensor([[0, 1e19, 0, 0, 0, 0]]))
+    assert large.finite() and large.grad(weight).max() == 2e38
+
+
+def test_fast_trainer_skips_a_domain_whose_deferred_gradient_is_not_finite():
+    """A NaN reaching a deferred weight gradient (the local B discriminator's 1 x 1 convolution, in product form at
+    this size) leaves domain B's discriminators as they were and updates domain A's."""
+    torch.manual_seed(0)
+    trainer = Trainer(MODEL, dataclasses.replace(FAST, lr=1e-3))
+    conv = trainer.nets["disLB"].conv1x1
+
+    def poison(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        if module.weight.requires_grad:  # the D update's call, not the G update's (weights frozen there)
+            out.register_hook(lambda grad: grad * float("nan"))
+
+    nan_grad = conv.register_forward_hook(poison)
+    before = {n: {k: v.clone() for k, v in net.state_dict().items()} for n, net in trainer.nets.items()}
+    terms = trainer.train_step(*(torch.rand(2, 3, 64, 64) for _ in range(2)))
+    nan_grad.remove()
+    assert terms["skipped_D"] == 1.0 and trainer.skipped == {"D": 1, "G": 0}
+    for name in ("disGB", "disLB"):
+        after = trainer.nets[name].state_dict()
+        assert all(torch.equal(before[name][k], v) for k, v in after.items() if not k.endswith(("._u", "._v")))
+    assert not torch.equal(before["disLA"]["conv1x1.weight"], trainer.nets["disLA"].conv1x1.weight)
+    assert all(p.grad is None for net in trainer.nets.values() for p in net.parameters())

@@ -9,11 +9,14 @@ and changes no number either; the one change in behaviour is that a non-finite g
 that domain's update.
 
 With `precision="fast"` the trainer swaps `ugatit.fast` into its networks, computes in the fast dtype, uses fused
-Adam, and runs paired passes as one (`fast.stacked`); with "exact" it keeps the official fp32 computation.
+Adam, runs paired passes as one (`fast.stacked`) and, outside DDP, builds the discriminators' largest weight
+gradients one at a time in their update (`fast.deferred_weight_grads`: the same numbers); with "exact" it keeps the
+official fp32 computation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterator
 
@@ -113,6 +116,9 @@ class Trainer:
         # Real and fake batches go through a discriminator in one call only where its fast layers count the call as
         # two power iterations (not the TF architecture's spectral norm).
         self.stack_judges = run.fast and all(fast.is_fast(self.nets[name]) for name in DISCRIMINATORS)
+        # The fast discriminators' largest weight gradients stay factored until their update, which builds them one
+        # at a time (`fast.deferred_weight_grads`); DDP must see every gradient to reduce it.
+        self.defer_grads = run.fast and not distributed
         self.opt_G = _adam(itertools.chain(*(self.nets[n].parameters() for n in GENERATORS)), run)
         self.opt_D = _adam(itertools.chain(*(self.nets[n].parameters() for n in DISCRIMINATORS)), run)
         self.step = 0
@@ -177,8 +183,9 @@ class Trainer:
             terms = discriminator_losses(real_scores, fake_scores, self.run)
         ok = True
         for domain in "AB":
-            terms[f"D_loss_{domain}"].backward()
-            ok &= self._apply(self.opt_D, "D")
+            with fast.deferred_weight_grads() if self.defer_grads else contextlib.nullcontext() as deferred:
+                terms[f"D_loss_{domain}"].backward()
+            ok &= self._apply(self.opt_D, "D", deferred)
         return terms, ok
 
     def _judge(
@@ -229,18 +236,20 @@ class Trainer:
         identity = {d: gens[d](real[d]) for d in "AB"}
         return cycled, {d: out[0] for d, out in identity.items()}, {d: out[1] for d, out in identity.items()}
 
-    def _apply(self, optimizer: torch.optim.Optimizer, name: str) -> bool:
+    def _apply(self, optimizer: torch.optim.Optimizer, name: str, deferred: fast.DeferredGrads | None = None) -> bool:
         """Take the optimizer step unless a gradient is inf or NaN, which Adam would turn into NaN weights for good.
 
         Near-constant images (a collapsed generator output, flat backgrounds at small sizes) give channels of zero
         variance, and each InstanceNorm backward then multiplies the gradient by 1 / sqrt(eps) ~ 316: through the
         cycle pass it can overflow. The official code would store NaN weights; we skip that one update and count it.
         """
-        applied = _grads_finite(optimizer)
+        applied = _grads_finite(optimizer) and (deferred is None or deferred.finite())
         if applied:
             optimizer.step()
         else:
             self.skipped[name] += 1
         # Freed now rather than at the next update: the discriminators' gradients alone are large at ch 64.
         optimizer.zero_grad(set_to_none=True)
+        if applied and deferred is not None:
+            deferred.step(optimizer)  # after the others are freed: one of these alive at a time
         return applied

@@ -15,6 +15,8 @@ What `apply` swaps in:
   fused matrix product with the power iteration (oneDNN's inner product on a CPU), and stacked calls
   (`spectral.py`, `stacked`).
 
+`deferred_weight_grads()` leaves the discriminators' largest weight gradients as thin factors during a backward,
+for an update that builds them one at a time (`DeferredGrads.step`).
 `lean(net)` swaps in the pads alone: the same numbers to the last bit, less memory, for the exact path.
 `checkpoint(generator)` recomputes block insides in the backward instead of storing them (either path).
 The compute dtype and memory layout that go with the fast path are in `fast/precision.py`; the trainer and the
@@ -36,11 +38,11 @@ from ..norms import EPS, ILN, AdaILN
 from .convolution import lean_pad, pad_conv
 from .norms import instance_layer_norm_fp32_affine, instance_layer_norm_fused, instance_norm_fused
 from .precision import autocast, memory_format, native_bf16, resolve_dtype
-from .spectral import is_spectral, spectral_conv, spectral_linear, stacked_calls
+from .spectral import DeferredGrads, deferred_weight_grads, is_spectral, spectral_conv, spectral_linear, stacked_calls
 
 __all__ = [
-    "apply", "autocast", "checkpoint", "exact", "is_fast", "lean", "memory_format", "native_bf16", "remove",
-    "resolve_dtype", "stacked",
+    "DeferredGrads", "apply", "autocast", "checkpoint", "deferred_weight_grads", "exact", "is_fast", "lean",
+    "memory_format", "native_bf16", "remove", "resolve_dtype", "stacked",
 ]  # fmt: skip
 
 

@@ -7,12 +7,18 @@ fp32 matrix product with the power iteration fused in (`_SpectralMatmul`), which
 `stacked_calls(n)`: inside it, a discriminator called on n equal batches stacked along the batch axis gives the
 outputs of n consecutive calls, each advancing the spectral norms' power iterations once. The D update scores the
 real and the fake batch in one call this way: one pass over the weights and one gradient for both.
+
+`deferred_weight_grads()`: inside it, those products leave their weight gradients as the two thin factors they are
+a product of (a few rows each), and `DeferredGrads.step` builds and applies them one at a time. The weight-bound
+layers hold nearly all of a discriminator's weights, so a D update then has one of their gradients alive at a time
+instead of all of them (215 MiB per domain at ch 64).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -37,12 +43,73 @@ def _product(rows: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     return rows @ matrix.t()
 
 
-def _weight_grad(grad_rows: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _built_grad(grad_rows: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad_rows^T @ rows written straight into a tensor of W's shape, which autograd then adopts as W's gradient
     instead of copying it. (A plain GEMM: oneDNN's inner product was slower on this transposed form.)"""
     grad = torch.empty_like(weight, memory_format=torch.contiguous_format)
     torch.mm(grad_rows.t(), rows, out=grad.flatten(1))
     return grad
+
+
+@dataclasses.dataclass
+class DeferredGrads:
+    """Weight gradients left by a backward run inside `deferred_weight_grads`: W's gradient is the sum of
+    A^T @ B over its factor pairs (A: rows x C_out, B: rows x C_in k k, a few rows each)."""
+
+    factors: dict[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] = dataclasses.field(default_factory=dict)
+
+    def add(self, weight: torch.Tensor, grad_rows: torch.Tensor, rows: torch.Tensor) -> None:
+        self.factors.setdefault(weight, []).append((grad_rows.detach(), rows.detach()))
+
+    def grad(self, weight: torch.Tensor) -> torch.Tensor:
+        """W's gradient, built."""
+        pairs = self.factors[weight]
+        return _built_grad(torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs]), weight)
+
+    def finite(self) -> bool:
+        """Whether every deferred gradient is finite, mostly without building it: finite factors whose entries
+        bound every sum of products below the dtype's largest value give a finite product."""
+        for weight, pairs in self.factors.items():
+            if not all(bool(t.isfinite().all()) for pair in pairs for t in pair):
+                return False
+            bound = sum(a.shape[0] * a.abs().max().item() * b.abs().max().item() for a, b in pairs)
+            if bound >= torch.finfo(weight.dtype).max and not bool(self.grad(weight).isfinite().all()):
+                return False
+        return True
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Update each deferred weight with `optimizer` (a per-parameter rule such as Adam), one weight at a time,
+        its gradient built just before and freed just after; the other gradients must be applied (and freed) first,
+        since each `optimizer.step()` updates every parameter that has one."""
+        for weight in self.factors:
+            weight.grad = self.grad(weight)
+            optimizer.step()
+            weight.grad = None
+        self.factors.clear()
+
+
+_DEFERRED: contextvars.ContextVar[DeferredGrads | None] = contextvars.ContextVar("ugatit_fast_deferred", default=None)
+
+
+@contextlib.contextmanager
+def deferred_weight_grads() -> Iterator[DeferredGrads]:
+    """A backward run inside this block leaves the fast weight-bound layers' weight gradients in the yielded
+    `DeferredGrads` instead of in their `.grad`."""
+    deferred = DeferredGrads()
+    token = _DEFERRED.set(deferred)
+    try:
+        yield deferred
+    finally:
+        _DEFERRED.reset(token)
+
+
+def _weight_grad(grad_rows: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """W's gradient, or None with its factors left in the `deferred_weight_grads` block's collection."""
+    deferred = _DEFERRED.get()
+    if deferred is None:
+        return _built_grad(grad_rows, rows, weight)
+    deferred.add(weight, grad_rows, rows)
+    return None
 
 
 @contextlib.contextmanager
