@@ -28,12 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import subpixel, winograd
-from .precision import autocast_off
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
+from .precision import autocast_off, layout_of
 
 
 def _unpad_grad(
@@ -52,7 +47,7 @@ class _ReflectionPad(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, padding: tuple[int, ...]) -> torch.Tensor:
         ctx.padding = padding
         ctx.shape = x.shape
-        ctx.memory_format = _memory_format(x)
+        ctx.memory_format = layout_of(x)
         return F.pad(x, padding, mode="reflect")
 
     @staticmethod
@@ -126,7 +121,7 @@ def _pad_conv_grads(
     grad_x = None
     if need_x:
         shape = unpadded.shape
-        grad_x = _unpad_grad(grad_padded.to(ctx.input_dtype), shape, _memory_format(unpadded), ctx.padding)
+        grad_x = _unpad_grad(grad_padded.to(ctx.input_dtype), shape, layout_of(unpadded), ctx.padding)
         if ctx.scale:
             grad_x = torch.ops.aten.upsample_nearest2d_backward(grad_x, shape[2:], kept.shape, ctx.scale, ctx.scale)
     return grad_x, grad_weight

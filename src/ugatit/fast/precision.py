@@ -57,3 +57,9 @@ def memory_format(device: torch.device | str, dtype: torch.dtype) -> torch.memor
     if torch.device(device).type == "cpu" and dtype == torch.float32:
         return torch.contiguous_format
     return torch.channels_last
+
+
+def layout_of(tensor: torch.Tensor) -> torch.memory_format:
+    """The memory format a tensor is laid out in: channels_last where it is that and not plain contiguous."""
+    channels_last = not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format

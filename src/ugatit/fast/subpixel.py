@@ -14,8 +14,12 @@ differently, nothing else changes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
+
+from .precision import layout_of
 
 # _TAPS[phase][k, d] = 1 where tap d of the 3x3 filter lands on input offset k (0: the pixel above or left of the
 # phase's two, 1: the other one) for outputs of that phase (0: even rows or columns, 1: odd ones).
@@ -36,21 +40,16 @@ def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
     """The four phases' 2x2 filters as one (4 C_out) x C_in x 2 x 2 weight, phase-major."""
     taps = _taps(weight)
     phases = torch.einsum("akd,ble,oide->aboikl", taps, taps, weight.to(taps.dtype))
-    return phases.reshape(-1, weight.shape[1], 2, 2).to(weight.dtype).contiguous(memory_format=_layout(weight))
+    return phases.reshape(-1, weight.shape[1], 2, 2).to(weight.dtype).contiguous(memory_format=layout_of(weight))
 
 
-def _weight_grad(grad_phases: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _phase_weight_grad(grad_phases: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     taps = _taps(weight)
     grad = grad_phases.to(taps.dtype).reshape(2, 2, *weight.shape[:2], 2, 2)
     return torch.einsum("akd,ble,aboikl->oide", taps, taps, grad).to(weight.dtype)
 
 
-def _layout(t: torch.Tensor) -> torch.memory_format:
-    channels_last = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _phase_pairs(phases: torch.Tensor, out: torch.Tensor):
+def _phase_pairs(phases: torch.Tensor, out: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(crop of `phases`, the output pixels it holds) for each phase: views, so that copies between them move the
     values in either direction."""
     height, width = out.shape[2] // 2, out.shape[3] // 2
@@ -66,7 +65,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     phases = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), _phase_weight(weight))
     batch, _, height, width = x.shape
     shape = (batch, weight.shape[0], 2 * height, 2 * width)
-    out = torch.empty(shape, dtype=phases.dtype, device=x.device, memory_format=_layout(phases))
+    out = torch.empty(shape, dtype=phases.dtype, device=x.device, memory_format=layout_of(phases))
     for crop, pixels in _phase_pairs(phases, out):
         pixels.copy_(crop)
     return out
@@ -79,7 +78,7 @@ def backward(
     padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
     phase_weight = _phase_weight(weight)
     batch, _, height, width = padded.shape
-    layout = _layout(grad) if grad.is_contiguous(memory_format=_layout(grad)) else _layout(x)
+    layout = layout_of(grad) if grad.is_contiguous(memory_format=layout_of(grad)) else layout_of(x)
     grad = grad.contiguous(memory_format=layout)
     shape = (batch, phase_weight.shape[0], height - 1, width - 1)
     grad_phases = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=layout).zero_()
@@ -89,4 +88,4 @@ def backward(
         grad_phases, padded, phase_weight, None, (1, 1), (0, 0), (1, 1), False, (0, 0), 1, (need_x, need_weight, False)
     )
     grad_x = torch.ops.aten.replication_pad2d_backward(grad_padded, x, [1, 1, 1, 1]) if need_x else None
-    return grad_x, _weight_grad(grad_phase_weight, weight) if need_weight else None
+    return grad_x, _phase_weight_grad(grad_phase_weight, weight) if need_weight else None
