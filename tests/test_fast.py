@@ -10,6 +10,7 @@ is on the median.
 """
 
 import contextlib
+import copy
 import dataclasses
 import statistics
 
@@ -510,11 +511,18 @@ def test_deferred_gradients_report_non_finite_values_and_overflowing_products():
 
 
 def test_fast_trainer_skips_a_domain_whose_deferred_gradient_is_not_finite():
-    """A NaN reaching a deferred weight gradient (the local B discriminator's 1 x 1 convolution, in product form at
-    this size) leaves domain B's discriminators as they were and updates domain A's."""
+    """A NaN in domain B's D-update gradients, reaching a deferred weight gradient (the global B discriminator's 1 x 1
+    convolution, in product form at 64 px with 6 layers), leaves domain B's discriminators as they were, deferred
+    weights included, and updates domain A's. (The finite check of the factors alone: the test above.)"""
+    model, run = configs(img_size=64, ch=8, n_res=1, light=True, global_layers=6, local_layers=4, precision="fast")
     torch.manual_seed(0)
-    trainer = Trainer(MODEL, dataclasses.replace(FAST, lr=1e-3))
-    conv = trainer.nets["disLB"].conv1x1
+    trainer = Trainer(model, run)
+    real_A, real_B = (torch.rand(2, 3, 64, 64) for _ in range(2))
+    conv = trainer.nets["disGB"].conv1x1
+    probe = copy.deepcopy(trainer.nets["disGB"])
+    with fast.deferred_weight_grads() as pending:
+        sum(out.sum() for out, _, _ in fast.stacked(probe, real_B, real_B)).backward()
+    assert probe.conv1x1.weight in pending.factors  # this layer's gradient is deferred in the D update
 
     def poison(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
         if module.weight.requires_grad:  # the D update's call, not the G update's (weights frozen there)
@@ -522,11 +530,11 @@ def test_fast_trainer_skips_a_domain_whose_deferred_gradient_is_not_finite():
 
     nan_grad = conv.register_forward_hook(poison)
     before = {n: {k: v.clone() for k, v in net.state_dict().items()} for n, net in trainer.nets.items()}
-    terms = trainer.train_step(*(torch.rand(2, 3, 64, 64) for _ in range(2)))
+    terms = trainer.train_step(real_A, real_B)
     nan_grad.remove()
     assert terms["skipped_D"] == 1.0 and trainer.skipped == {"D": 1, "G": 0}
     for name in ("disGB", "disLB"):
         after = trainer.nets[name].state_dict()
         assert all(torch.equal(before[name][k], v) for k, v in after.items() if not k.endswith(("._u", "._v")))
-    assert not torch.equal(before["disLA"]["conv1x1.weight"], trainer.nets["disLA"].conv1x1.weight)
+    assert not torch.equal(before["disGA"]["conv1x1.weight"], trainer.nets["disGA"].conv1x1.weight)
     assert all(p.grad is None for net in trainer.nets.values() for p in net.parameters())

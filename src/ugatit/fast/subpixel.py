@@ -14,6 +14,7 @@ differently, nothing else changes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -33,7 +34,12 @@ def fits(weight: torch.Tensor, scale: float | None, padding: tuple[int, ...], st
 
 def _taps(weight: torch.Tensor) -> torch.Tensor:
     """_TAPS in the dtype the filters are summed in: fp32 at least, so that bf16 weights are rounded once."""
-    return torch.tensor(_TAPS, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
+    return _taps_on(weight.device, torch.promote_types(weight.dtype, torch.float32))
+
+
+@functools.cache
+def _taps_on(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(_TAPS, dtype=dtype, device=device)
 
 
 def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
