@@ -23,8 +23,11 @@ from torch import nn
 from ugatit import fast
 from ugatit.checkpoint import save_model
 from ugatit.config import configs
+from ugatit.fast.convolution import pad_conv
+from ugatit.fast.norms import instance_layer_norm_fused
 from ugatit.inference import Translator
 from ugatit.models import Discriminator, build_generator, build_networks
+from ugatit.norms import ILN
 from ugatit.synthetic import make_sample
 from ugatit.trainer import Trainer
 
@@ -388,6 +391,79 @@ def test_padded_convolution_is_the_layers_it_replaces_bit_for_bit(layout, autoca
     assert torch.equal(grad_x_f, grad_x) and torch.equal(grad_w_f, grad_w)
     kept = x0.numel() * y.element_size()  # x in the convolution's dtype
     assert saved_f == kept < saved
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("scale", [None, 2])
+def test_padded_convolution_after_a_rectified_norm_keeps_the_norms_input_instead(layout, autocast, scale):
+    """conv(pad(relu(ILN(x)))) as the fast generator runs it: the convolution keeps the norm's input (kept by the
+    norm anyway) rather than the rectified map and recomputes that map in its backward, so the layer keeps one map
+    instead of two, with the same output and gradients to the bit as when the convolution keeps the map."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, 1, 0, bias=False).to(memory_format=layout)
+    pad, upsample = nn.ReflectionPad2d(1), nn.Upsample(scale_factor=scale) if scale else None
+    norm = ILN(16)
+    nn.init.uniform_(norm.rho)
+    x0 = torch.randn(2, 16, 10, 10).to(memory_format=layout)
+    grad = torch.randn(2, 8, 10 * (scale or 1), 10 * (scale or 1))
+    results = []
+    for keep_map in (True, False):
+        x = x0.clone(memory_format=torch.preserve_format).requires_grad_()
+        for p in (conv.weight, *norm.parameters()):
+            p.grad = None
+
+        def forward(keep_map=keep_map, x=x):
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                dtype = torch.bfloat16 if autocast else x.dtype
+                rectified = instance_layer_norm_fused(x.to(dtype), norm.rho, norm.gamma, norm.beta, rectify=True)
+                if keep_map:  # a copy carries no recipe: the convolution keeps the map itself
+                    rectified = rectified.clone()
+                return pad_conv(conv, pad, upsample, rectified)
+
+        kept = {}  # storage -> bytes: a tensor both nodes keep counts once
+
+        def pack(t: torch.Tensor, kept=kept) -> torch.Tensor:
+            if not isinstance(t, nn.Parameter):
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = forward()
+        y.backward(grad.to(y.dtype))
+        results.append((y, x.grad, conv.weight.grad, *(p.grad for p in norm.parameters()), sum(kept.values())))
+    *kept_map, saved_map = results[0]
+    *recomputed, saved_recipe = results[1]
+    for a, b in zip(kept_map, recomputed, strict=True):
+        assert torch.equal(a, b)
+    element = 2 if autocast else 4
+    assert saved_map - saved_recipe == x0.numel() * element  # one map fewer
+
+
+def test_fast_generator_keeps_no_rectified_map_for_its_backward():
+    """Every ReLU of the generators follows a norm: in the fast generator none of their outputs is kept for the
+    backward (the next convolution recomputes it from the norm's input), where the exact layers keep each one."""
+    generator = build_generator(MODEL)
+    image = torch.rand(2, 3, 64, 64) * 2 - 1
+    others = {generator.relu, *generator.FC}  # the CAM's and the MLP's ReLUs follow no norm
+    after_norms = [m for m in generator.modules() if isinstance(m, nn.ReLU) and m not in others]
+    assert len(after_norms) == 3 + 2 * MODEL.n_res + 2
+    for swap, kept in ((fast.lean, True), (fast.apply, False)):
+        swap(generator)
+        rectified, saved = [], set()  # the maps themselves, held so that no address is reused
+        hooks = [m.register_forward_hook(lambda _m, _i, out, kept=rectified: kept.append(out)) for m in after_norms]
+
+        def pack(t: torch.Tensor, saved=saved) -> torch.Tensor:
+            saved.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = generator(image)
+        for hook in hooks:
+            hook.remove()
+        kept_maps = [r.untyped_storage().data_ptr() in saved for r in rectified]
+        assert len(kept_maps) == len(after_norms) and all(kept_maps) == any(kept_maps) == kept, (swap, kept_maps)
+        out[0].sum().backward()
 
 
 def test_reflection_padding_keeps_only_the_shape_for_its_backward():

@@ -226,3 +226,55 @@ def test_instance_norm_gradcheck_and_bf16(channels_last):
         out, x_grad = run(lambda t, *_: instance_norm_fused(t), x.bfloat16(), x, x, x, grad.bfloat16())[:2]
     assert out.dtype == x_grad.dtype == torch.bfloat16
     assert max_scaled_error(out, ref_out) < 1e-2 and max_scaled_error(x_grad, ref_grad) < 1e-2
+
+
+NORMS = {
+    "adailn": lambda x, rho, gamma, beta, **k: instance_layer_norm_fused(x, rho, gamma, beta, **k),
+    "iln": lambda x, rho, gamma, beta, **k: instance_layer_norm_fused(x, rho, gamma[:1], beta[:1], **k),
+    "in": lambda x, rho, gamma, beta, **k: instance_norm_fused(x, **k),
+}
+EXACT_NORMS = {
+    "adailn": lambda x, rho, gamma, beta: instance_layer_norm(x, rho, gamma, beta),
+    "iln": lambda x, rho, gamma, beta: instance_layer_norm(x, rho, gamma[:1], beta[:1]),
+    "in": lambda x, rho, gamma, beta: F.instance_norm(x.contiguous()),
+}
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-11)], ids=["fp32", "fp64"])
+def test_rectified_norms_are_the_norm_then_a_relu(norm, channels_last, dtype, tolerance):
+    """`rectify=True` (a norm with the ReLU after it taken in) against the exact norm followed by F.relu: output and
+    every gradient, with the ReLU's input recomputed in the backward; the output can be made again bit for bit from
+    the recipe it carries; without autograd recording, the same function."""
+    x, rho, gamma, beta, grad = make_inputs((3, 16, 12, 20), True, channels_last, dtype=dtype)
+    fused = run(lambda *t: NORMS[norm](*t, rectify=True), x, rho, gamma, beta, grad)
+    exact = run(lambda *t: F.relu(EXACT_NORMS[norm](*t)), x, rho, gamma, beta, grad)
+    assert (fused[0] == 0).float().mean() > 0.2  # the ReLU clips a good share
+    for name, f, e in zip(["out", "x.grad", "rho.grad", "gamma.grad", "beta.grad"], fused, exact, strict=True):
+        if e is None:  # IN has no parameters
+            assert f is None, name
+        elif name == "rho.grad":
+            atol = tolerance * rho_grad_scale(x, rho, gamma, grad).to(dtype)
+            assert ((f - e).abs() <= atol).all(), (name, (f - e).abs().max().item())
+        else:
+            assert f.dtype == e.dtype and max_scaled_error(f, e) < tolerance, (name, max_scaled_error(f, e))
+    leaf = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    out = NORMS[norm](leaf, rho, gamma, beta, rectify=True)
+    assert torch.equal(fast_norms.Rectified.of(out).recompute(), out)
+    with torch.no_grad():  # unrecorded, the ReLU runs in place on the norm's usual output
+        assert max_scaled_error(NORMS[norm](x, rho, gamma, beta, rectify=True), exact[0]) < tolerance
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_rectified_norms_gradcheck_and_bf16(norm):
+    x, rho, gamma, beta, grad = make_inputs((2, 3, 4, 5), True, True, seed=1, dtype=torch.float64)
+    inputs = [t.detach().clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, rho, gamma, beta)]
+    assert torch.autograd.gradcheck(lambda *t: NORMS[norm](*t, rectify=True), inputs, eps=1e-6, atol=1e-7)
+    x, rho, gamma, beta, grad = make_inputs((2, 16, 16, 24), True, True)
+    ref = run(lambda *t: F.relu(EXACT_NORMS[norm](*t)), x.bfloat16().float(), rho, gamma, beta, grad)
+    ours = run(lambda *t: NORMS[norm](*t, rectify=True), x.bfloat16(), rho, gamma, beta, grad.bfloat16())
+    assert ours[0].dtype == ours[1].dtype == torch.bfloat16
+    assert max_scaled_error(ours[0], ref[0]) < 1e-2 and max_scaled_error(ours[1], ref[1]) < 2e-2
+    out = NORMS[norm](x.bfloat16().requires_grad_(), rho, gamma, beta, rectify=True)
+    assert torch.equal(fast_norms.Rectified.of(out).recompute(), out)

@@ -55,12 +55,15 @@ def _swapped(module: nn.Module) -> bool:
     return "forward" in module.__dict__
 
 
-def _adailn(norm: AdaILN, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    return instance_layer_norm_fused(x, norm.rho, gamma[:, :, None, None], beta[:, :, None, None], norm.eps)
+def _adailn(
+    norm: AdaILN, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, rectify: bool = False
+) -> torch.Tensor:
+    gamma, beta = gamma[:, :, None, None], beta[:, :, None, None]
+    return instance_layer_norm_fused(x, norm.rho, gamma, beta, norm.eps, rectify)
 
 
-def _iln(norm: ILN, x: torch.Tensor) -> torch.Tensor:
-    return instance_layer_norm_fused(x, norm.rho, norm.gamma, norm.beta, norm.eps)
+def _iln(norm: ILN, x: torch.Tensor, rectify: bool = False) -> torch.Tensor:
+    return instance_layer_norm_fused(x, norm.rho, norm.gamma, norm.beta, norm.eps, rectify)
 
 
 def _tf_adalin(norm: tf_models.AdaLIN, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -73,25 +76,33 @@ def _tf_iln(norm: tf_models.LayerInstanceNorm, x: torch.Tensor) -> torch.Tensor:
     return instance_layer_norm_fp32_affine(x, rho, gamma, beta, EPS, tf_models.CORRECTION)
 
 
-def _instance_norm(norm: nn.InstanceNorm2d, x: torch.Tensor) -> torch.Tensor:
-    return instance_norm_fused(x, norm.eps)
+def _instance_norm(norm: nn.InstanceNorm2d, x: torch.Tensor, rectify: bool = False) -> torch.Tensor:
+    return instance_norm_fused(x, norm.eps, rectify)
+
+
+_FUSED_NORMS = {AdaILN: _adailn, ILN: _iln, nn.InstanceNorm2d: _instance_norm}
 
 
 def _passthrough(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An upsampling or pad taken into the convolution after it (`pad_conv`)."""
+    """An upsampling or pad taken into the convolution after it (`pad_conv`), or a ReLU into the norm before it."""
     return x
 
 
-def _pad_conv_runs(net: nn.Module) -> Iterator[tuple[nn.Upsample | None, nn.ReflectionPad2d, nn.Conv2d]]:
-    """(upsample or None, pad, conv) for every pad directly followed by a bias-free convolution among a module's
-    children, in registration order, which is call order in the generator (its Sequentials and AdaILN blocks)."""
+def _adjacent(net: nn.Module) -> Iterator[tuple[nn.Module | None, nn.Module, nn.Module]]:
+    """(the child before or None, child, next child) for every two consecutive children of `net`'s modules, in
+    registration order, which is call order in the generators (their Sequentials and AdaILN blocks)."""
     for parent in net.modules():
         children = list(parent.children())
-        for i, (pad, conv) in enumerate(zip(children, children[1:], strict=False)):
-            if isinstance(pad, nn.ReflectionPad2d) and isinstance(conv, nn.Conv2d) and conv.bias is None:
-                before = children[i - 1] if i > 0 else None
-                upsample = before if isinstance(before, nn.Upsample) and before.mode == "nearest" else None
-                yield upsample, pad, conv
+        for i in range(len(children) - 1):
+            yield children[i - 1] if i > 0 else None, children[i], children[i + 1]
+
+
+def _pad_conv_runs(net: nn.Module) -> Iterator[tuple[nn.Upsample | None, nn.ReflectionPad2d, nn.Conv2d]]:
+    """(upsample or None, pad, conv) for every pad directly followed by a bias-free convolution (`_adjacent`)."""
+    for before, pad, conv in _adjacent(net):
+        if isinstance(pad, nn.ReflectionPad2d) and isinstance(conv, nn.Conv2d) and conv.bias is None:
+            upsample = before if isinstance(before, nn.Upsample) and before.mode == "nearest" else None
+            yield upsample, pad, conv
 
 
 def lean(net: nn.Module) -> nn.Module:
@@ -113,22 +124,27 @@ def apply(net: nn.Module) -> nn.Module:
                 if absorbed is not None:
                     _swap(absorbed, _passthrough)
             _swap(conv, functools.partial(_pad_conv, pad=pad, upsample=upsample))
+    rectified = set()
+    for _, norm, relu in _adjacent(net):
+        if type(norm) in _FUSED_NORMS and not _affine_instance_norm(norm) and type(relu) is nn.ReLU:
+            rectified.add(norm)
+            _swap(relu, _passthrough)
     for module in net.modules():
-        if isinstance(module, AdaILN):
-            _swap(module, _adailn)
-        elif isinstance(module, ILN):
-            _swap(module, _iln)
+        if type(module) in _FUSED_NORMS and not _affine_instance_norm(module):
+            _swap(module, functools.partial(_FUSED_NORMS[type(module)], rectify=module in rectified))
         elif isinstance(module, tf_models.AdaLIN):
             _swap(module, _tf_adalin)
         elif isinstance(module, tf_models.LayerInstanceNorm):
             _swap(module, _tf_iln)
-        elif isinstance(module, nn.InstanceNorm2d):
-            _swap(module, _instance_norm)
         elif discriminator and isinstance(module, nn.Conv2d):
             _swap(module, spectral_conv)
         elif discriminator and isinstance(module, nn.Linear):
             _swap(module, spectral_linear)
     return lean(net)
+
+
+def _affine_instance_norm(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.InstanceNorm2d) and (norm.affine or norm.track_running_stats)
 
 
 def _pad_conv(conv: nn.Conv2d, x: torch.Tensor, pad: nn.ReflectionPad2d, upsample: nn.Upsample | None):

@@ -7,8 +7,9 @@ Two savings that change no number:
   It also keeps its input's dtype under autocast: CPU autocast lists reflection padding among its fp32 ops, so in a
   bf16 network every pad cast its input up, padded twice the bytes and left the next convolution a cast back down.
 * `pad_conv`: conv(pad(x)), or conv(pad(upsample(x))), as one autograd node that keeps only x for the backward and
-  recomputes the rest there (the library's layers keep the padded copy, and x is most often kept anyway, by the
-  ReLU before it).
+  recomputes the rest there (the library's layers keep the padded copy). Where x is a fused norm's rectified output
+  (`norms.Rectified`), it keeps the norm's input and coefficients instead, which the norm keeps anyway, and
+  recomputes x too: a conv, norm, ReLU layer then keeps one map for its backward instead of two.
 
 And faster forms of the same function, which round differently:
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import subpixel, winograd
+from .norms import Rectified
 from .precision import autocast_off, layout_of
 
 
@@ -67,7 +69,8 @@ class _PadConv(torch.autograd.Function):
     # The same kernels in the same dtypes as autocast's layers (x upsampled and padded in its own dtype, convolved
     # in `dtype`, its gradient back in its own dtype), so the same numbers; x is kept in `dtype`, which upsamples
     # and pads to the same values. The weight is kept as the parameter and cast again in the backward: a kept cast
-    # would hold a second copy of every generator weight per pass until the G update's backward.
+    # would hold a second copy of every generator weight per pass until the G update's backward. A rectified x is
+    # kept as its recipe (only where x is in `dtype` already: its recomputation is x itself).
 
     @staticmethod
     def forward(
@@ -78,10 +81,15 @@ class _PadConv(torch.autograd.Function):
         stride: tuple[int, int],
         dtype: torch.dtype,
         scale: float | None,
+        recipe: Rectified | None,
     ) -> torch.Tensor:
         kept = x.to(dtype)
         ctx.stride, ctx.padding, ctx.scale, ctx.input_dtype, ctx.dtype = stride, padding, scale, x.dtype, dtype
-        ctx.save_for_backward(kept, weight)
+        ctx.recipe = recipe is not None
+        if recipe is None:
+            ctx.save_for_backward(kept, weight)
+        else:
+            ctx.save_for_backward(weight, recipe.source, recipe.scale, recipe.shift)
         weight = weight.to(dtype)
         ctx.subpixel = subpixel.fits(weight, scale, padding, stride)
         if ctx.subpixel:
@@ -93,8 +101,12 @@ class _PadConv(torch.autograd.Function):
         return F.conv2d(padded, weight, None, stride)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
-        kept, parameter = ctx.saved_tensors
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.recipe:
+            parameter, *recipe = ctx.saved_tensors
+            kept = Rectified(*recipe).recompute()
+        else:
+            kept, parameter = ctx.saved_tensors
         need_x, need_weight = ctx.needs_input_grad[:2]
         weight = parameter.to(ctx.dtype)
         with autocast_off(grad):  # a backward run inside autocast would have its pads cast up
@@ -103,7 +115,7 @@ class _PadConv(torch.autograd.Function):
             else:
                 grad_x, grad_weight = _pad_conv_grads(ctx, grad, kept, weight, need_x, need_weight)
         grad_x = None if grad_x is None else grad_x.to(ctx.input_dtype)
-        return grad_x, None if grad_weight is None else grad_weight.to(parameter.dtype), None, None, None, None
+        return grad_x, None if grad_weight is None else grad_weight.to(parameter.dtype), None, None, None, None, None
 
 
 def _pad_conv_grads(
@@ -170,4 +182,5 @@ def pad_conv(conv: nn.Conv2d, pad: nn.ReflectionPad2d, upsample: nn.Upsample | N
     with autocast_off(x):
         if not training:
             return subpixel.forward(x.to(dtype), conv.weight.to(dtype))
-        return _PadConv.apply(x, conv.weight, pad.padding, conv.stride, dtype, scale)
+        recipe = Rectified.of(x) if x.dtype == dtype else None
+        return _PadConv.apply(x, conv.weight, pad.padding, conv.stride, dtype, scale, recipe)

@@ -19,6 +19,12 @@ inference-mode batch-norm kernel as the per-channel multiply-add. The generic fo
 vectorise). bf16/fp16 inputs: every statistic and per-(b,c) coefficient is computed and kept in fp32; the big
 tensors stay in the input dtype, so the output has the input's dtype.
 
+With `rectify=True` both return relu(norm(x)) as the same one node: a norm followed by a ReLU keeps x alone for
+the backward, where the ReLU would keep its output too. The output then carries how it was made (`Rectified`):
+the next padded convolution (`fast/convolution.py`) keeps that recipe, whose tensors the norm keeps anyway, instead
+of its input, and recomputes the input in its backward, bit for bit. Both recomputations are one element-wise pass
+over x.
+
 `instance_norm_fused(x, eps)` replaces `F.instance_norm(x)` (biased variance, no affine: the encoder's
 `nn.InstanceNorm2d`) with the same building blocks; it is also right where PyTorch's CPU instance_norm returns a
 wrong input gradient (channels_last at batch 1). Speed against the exact formula and `torch.compile`, and the
@@ -27,6 +33,8 @@ supported (the official training never differentiates through a gradient).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +45,7 @@ from ..norms import EPS, instance_layer_norm, instance_layer_norm_affine
 from .precision import autocast_off
 
 __all__ = [
+    "Rectified",
     "instance_layer_norm_fused",
     "instance_layer_norm_fp32_affine",
     "instance_norm_fused",
@@ -166,9 +175,55 @@ def _grad_input(g, x, layout, mean, a, c1, c0) -> torch.Tensor:
     return out.addcmul_(g, a.expand(b, c).reshape(b, c, 1, 1).to(x.dtype))
 
 
+def _rectified_affine(x: torch.Tensor, layout: str, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """relu(scale * x + shift): a rectified output, made the same way in the forward and in each recomputation."""
+    return _affine(x, layout, scale, shift).relu_()
+
+
+def _rectified_grad(g, x: torch.Tensor, layout: str, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The ReLU's backward, g where scale * x + shift > 0 and 0 elsewhere, with the ReLU's input recomputed."""
+    return torch.ops.aten.threshold_backward(g, _affine(x, layout, scale, shift), 0)
+
+
+_RECIPE = "_ugatit_rectified"
+
+
+@dataclass(frozen=True)
+class Rectified:
+    """How a rectified fused-norm output was made: relu(scale * source + shift), (B, C) coefficients in fp32.
+
+    A consumer that needs that output in its backward keeps this instead: the norm keeps `source` anyway."""
+
+    source: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def recompute(self) -> torch.Tensor:
+        """The output again, bit for bit."""
+        x, layout = _layout(self.source)
+        return _rectified_affine(x, layout, self.scale, self.shift)
+
+    @staticmethod
+    def of(t: torch.Tensor) -> Rectified | None:
+        """The recipe of `t`, if `t` is a rectified output made while autograd was recording, else None."""
+        return getattr(t, _RECIPE, None)
+
+
+def _recording(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records a call on `tensors`: only then is a rectified output made from x, to carry its
+    recipe; otherwise the ReLU runs in place on the norm's usual output, as the exact layers do."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _with_recipe(out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    if not torch.compiler.is_compiling():
+        setattr(out, _RECIPE, Rectified(x.detach(), scale, shift))
+    return out
+
+
 class _InstanceLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, rho, gamma, beta, eps):
+    def forward(ctx, x, rho, gamma, beta, eps, rectify):
         b, c, h, w = x.shape
         n = h * w
         x, layout = _layout(x)
@@ -191,25 +246,33 @@ class _InstanceLayerNorm(torch.autograd.Function):
         a = gam * (p + q)
         # out = a (x - mean) + gam q (mean - mu_l) + beta
         shift = torch.addcmul(bet, gam * q, dev)
+        ctx.layout = layout
+        ctx.meta = (rho.shape, rho.dtype, gamma.shape, gamma.dtype, beta.shape, beta.dtype)
+        ctx.rectify = rectify
+        if rectify:  # from x, as `Rectified.recompute` makes it
+            scale, shift = a.expand(b, c).contiguous(), shift - a * mean
+            ctx.save_for_backward(x, mean, r_in, r_ln, rho_v, gam, scale, shift)
+            ctx.mark_non_differentiable(scale, shift)
+            return _rectified_affine(x, layout, scale, shift), scale, shift
         if y is not None:
             out = _affine(y, layout, a * sd, shift, out=y)
         else:
             out = _affine(x, layout, a, shift - a * mean)
         ctx.save_for_backward(x, mean, r_in, r_ln, rho_v, gam)
-        ctx.layout = layout
-        ctx.meta = (rho.shape, rho.dtype, gamma.shape, gamma.dtype, beta.shape, beta.dtype)
         return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
-        x, mean, r_in, r_ln, rho_v, gam = ctx.saved_tensors
+    def backward(ctx, grad, *_):
+        x, mean, r_in, r_ln, rho_v, gam, *rectified = ctx.saved_tensors
         layout = ctx.layout
         rho_shape, rho_dtype, gamma_shape, gamma_dtype, beta_shape, beta_dtype = ctx.meta
         b, c, h, w = x.shape
         n = h * w
         m = c * n
         g = _like_layout(grad, layout)
+        if ctx.rectify:
+            g = _rectified_grad(g, x, layout, *rectified)
         d_in, sg = _grad_sums(g, x, layout, mean)  # sum g (x - mean), sum g
         dev = mean - mean.mean(1, keepdim=True)
         d_ln = torch.addcmul(d_in, dev, sg)  # sum g (x - mu_l)
@@ -236,7 +299,7 @@ class _InstanceLayerNorm(torch.autograd.Function):
             grad_gamma = (gg if gamma_shape[0] == b else gg.sum(0)).reshape(gamma_shape).to(gamma_dtype)
         if ctx.needs_input_grad[3]:
             grad_beta = (sg if beta_shape[0] == b else sg.sum(0)).reshape(beta_shape).to(beta_dtype)
-        return grad_x, grad_rho, grad_gamma, grad_beta, None
+        return grad_x, grad_rho, grad_gamma, grad_beta, None, None
 
 
 def _param_ok(t, b: int, c: int, rows=(1,)) -> bool:
@@ -251,9 +314,15 @@ def _param_ok(t, b: int, c: int, rows=(1,)) -> bool:
 
 
 def instance_layer_norm_fused(
-    x: torch.Tensor, rho: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = EPS
+    x: torch.Tensor,
+    rho: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float = EPS,
+    rectify: bool = False,
 ) -> torch.Tensor:
-    """`ugatit.norms.instance_layer_norm` as one autograd node: rho * IN(x) + (1 - rho) * LN(x), times gamma plus beta.
+    """`ugatit.norms.instance_layer_norm` as one autograd node: rho * IN(x) + (1 - rho) * LN(x), times gamma plus beta,
+    and with `rectify` a ReLU after it (the output then carries its `Rectified` recipe).
 
     x: (B, C, H, W), NCHW or channels_last, fp32/fp64/bf16/fp16 (the output keeps x's layout and dtype); rho:
     (1, C, 1, 1); gamma, beta: (B, C, 1, 1) (AdaILN) or (1, C, 1, 1) (ILN). Any other shapes, and planes of one
@@ -267,54 +336,76 @@ def instance_layer_norm_fused(
         and _param_ok(gamma, x.shape[0], x.shape[1], rows=(x.shape[0],))
         and _param_ok(beta, x.shape[0], x.shape[1], rows=(x.shape[0],))
     ):
-        return instance_layer_norm(x, rho, gamma, beta, eps)
+        out = instance_layer_norm(x, rho, gamma, beta, eps)
+        return F.relu(out) if rectify else out
     with autocast_off(x):
-        return _InstanceLayerNorm.apply(x, rho, gamma, beta, eps)
+        if not (rectify and _recording(x, rho, gamma, beta)):
+            out = _InstanceLayerNorm.apply(x, rho, gamma, beta, eps, False)
+            return out.relu_() if rectify else out
+        out, scale, shift = _InstanceLayerNorm.apply(x, rho, gamma, beta, eps, True)
+    return _with_recipe(out, x, scale, shift)
 
 
 class _InstanceNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, eps):
+    def forward(ctx, x, eps, rectify):
         b, c, h, w = x.shape
         x, layout = _layout(x)
         mean, sd, y = _stats(x, layout, eps)
         rstd = sd.reciprocal()
+        ctx.layout = layout
+        ctx.rectify = rectify
+        if rectify:  # from x, as `Rectified.recompute` makes it
+            shift = -mean * rstd
+            ctx.save_for_backward(x, mean, rstd, shift)
+            ctx.mark_non_differentiable(rstd, shift)
+            return _rectified_affine(x, layout, rstd, shift), rstd, shift
         if y is None:
             y = _affine(x, layout, rstd, -mean * rstd)
         ctx.save_for_backward(x, mean, rstd)
-        ctx.layout = layout
         return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
-        x, mean, rstd = ctx.saved_tensors
+    def backward(ctx, grad, *_):
+        x, mean, rstd, *shift = ctx.saved_tensors
         layout = ctx.layout
         b, c, h, w = x.shape
         n = h * w
         g = _like_layout(grad, layout)
+        if ctx.rectify:
+            g = _rectified_grad(g, x, layout, rstd, *shift)
         if layout == "nchw" and x.dtype not in _REDUCED:
             dx, _, _ = torch.ops.aten.native_layer_norm_backward(
                 g.view(b * c, n), x.view(b * c, n), [n], mean.view(-1, 1), rstd.view(-1, 1), None, None,
                 [True, False, False],
             )  # fmt: skip
-            return dx.view(b, c, h, w), None
+            return dx.view(b, c, h, w), None, None
         # rstd (g - sum g / N) - rstd^3 (x - mean) sum g (x - mean) / N
         dot, sg = _grad_sums(g, x, layout, mean)
-        return _grad_input(g, x, layout, mean, rstd, -rstd.pow(3) * dot / n, -rstd * sg / n), None
+        return _grad_input(g, x, layout, mean, rstd, -rstd.pow(3) * dot / n, -rstd * sg / n), None, None
 
 
-def instance_norm_fused(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """`F.instance_norm(x, eps=eps)` (biased variance, no affine, no running statistics) for (B, C, H, W) inputs.
+def instance_norm_fused(x: torch.Tensor, eps: float = EPS, rectify: bool = False) -> torch.Tensor:
+    """`F.instance_norm(x, eps=eps)` (biased variance, no affine, no running statistics) for (B, C, H, W) inputs,
+    and with `rectify` a ReLU after it (the output then carries its `Rectified` recipe).
 
     Keeps x's dtype and memory layout (NCHW or channels_last); statistics in fp32 for bf16/fp16 inputs.
     """
-    if x.dim() != 4 or not x.dtype.is_floating_point or x.device.type != "cpu":
-        return F.instance_norm(x, eps=eps)
-    if x.dtype in _REDUCED and x.is_contiguous():
-        return F.instance_norm(x, eps=eps)
+    if (
+        x.dim() != 4
+        or not x.dtype.is_floating_point
+        or x.device.type != "cpu"
+        or (x.dtype in _REDUCED and x.is_contiguous())
+    ):
+        out = F.instance_norm(x, eps=eps)
+        return F.relu(out) if rectify else out
     with autocast_off(x):
-        return _InstanceNorm.apply(x, eps)
+        if not (rectify and _recording(x)):
+            out = _InstanceNorm.apply(x, eps, False)
+            return out.relu_() if rectify else out
+        out, rstd, shift = _InstanceNorm.apply(x, eps, True)
+    return _with_recipe(out, x, rstd, shift)
 
 
 def instance_layer_norm_fp32_affine(
