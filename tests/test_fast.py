@@ -570,6 +570,29 @@ def test_deferred_weight_gradients_are_the_ones_autograd_writes_and_update_the_s
     assert all(p.grad is None for p in disc.parameters())
 
 
+def test_deferred_update_block_by_block_is_adams_update_bit_for_bit():
+    """Under a fused Adam whose state exists, a deferred gradient is built and applied a block of rows at a time (a
+    fresh full-size gradient costs more in page faults than its product): the same weights, moments and step count
+    as Adam stepping on the whole gradient, over steps and with a last block shorter than the others."""
+    torch.manual_seed(0)
+    weights = [nn.Parameter(torch.randn(300, 8192) * 0.1) for _ in range(2)]
+    weights[1].data.copy_(weights[0].data)
+    optimizers = [torch.optim.Adam([w], lr=1e-3, betas=(0.5, 0.999), weight_decay=1e-4, fused=True) for w in weights]
+    for step in range(3):
+        a, b = torch.randn(10, 300) * 10.0**-step, torch.randn(10, 8192)
+        weights[0].grad = a.t() @ b
+        optimizers[0].step()
+        weights[0].grad = None
+        pending = fast.DeferredGrads()
+        pending.add(weights[1], a[:4], b[:4])  # two calls' factors
+        pending.add(weights[1], a[4:], b[4:])
+        pending.step(optimizers[1])
+        assert weights[1].grad is None and not pending.factors
+        assert torch.equal(weights[1], weights[0]), step
+    plain, blocks = (optimizer.state[w] for optimizer, w in zip(optimizers, weights, strict=True))
+    assert all(torch.equal(blocks[key], plain[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
+
+
 def test_deferred_gradients_report_non_finite_values_and_overflowing_products():
     weight = torch.zeros(4, 6)
     pending = fast.DeferredGrads()
