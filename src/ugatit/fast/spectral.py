@@ -128,7 +128,7 @@ def _adam_by_blocks(
             [exp_avg[part]], [exp_avg_sq[part]], [], [step.clone()],  # each block steps from the same count
             fused=True, amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-            decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+            **({"decoupled_weight_decay": True} if group.get("decoupled_weight_decay") else {}),  # newer torch only
         )  # fmt: skip
     step.add_(1)
     return True
