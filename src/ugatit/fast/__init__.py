@@ -80,7 +80,11 @@ def _instance_norm(norm: nn.InstanceNorm2d, x: torch.Tensor, rectify: bool = Fal
     return instance_norm_fused(x, norm.eps, rectify)
 
 
-_FUSED_NORMS = {AdaILN: _adailn, ILN: _iln, nn.InstanceNorm2d: _instance_norm}
+def _fused_norm(module: nn.Module) -> Callable | None:
+    """The fused kernel's forward for `module`, or None: an affine or tracking InstanceNorm2d keeps the library's."""
+    if isinstance(module, nn.InstanceNorm2d) and (module.affine or module.track_running_stats):
+        return None
+    return {AdaILN: _adailn, ILN: _iln, nn.InstanceNorm2d: _instance_norm}.get(type(module))
 
 
 def _passthrough(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -126,12 +130,12 @@ def apply(net: nn.Module) -> nn.Module:
             _swap(conv, functools.partial(_pad_conv, pad=pad, upsample=upsample))
     rectified = set()
     for _, norm, relu in _adjacent(net):
-        if type(norm) in _FUSED_NORMS and not _affine_instance_norm(norm) and type(relu) is nn.ReLU:
+        if _fused_norm(norm) and type(relu) is nn.ReLU:
             rectified.add(norm)
             _swap(relu, _passthrough)
     for module in net.modules():
-        if type(module) in _FUSED_NORMS and not _affine_instance_norm(module):
-            _swap(module, functools.partial(_FUSED_NORMS[type(module)], rectify=module in rectified))
+        if norm := _fused_norm(module):
+            _swap(module, functools.partial(norm, rectify=module in rectified))
         elif isinstance(module, tf_models.AdaLIN):
             _swap(module, _tf_adalin)
         elif isinstance(module, tf_models.LayerInstanceNorm):
@@ -141,10 +145,6 @@ def apply(net: nn.Module) -> nn.Module:
         elif discriminator and isinstance(module, nn.Linear):
             _swap(module, spectral_linear)
     return lean(net)
-
-
-def _affine_instance_norm(norm: nn.Module) -> bool:
-    return isinstance(norm, nn.InstanceNorm2d) and (norm.affine or norm.track_running_stats)
 
 
 def _pad_conv(conv: nn.Conv2d, x: torch.Tensor, pad: nn.ReflectionPad2d, upsample: nn.Upsample | None):

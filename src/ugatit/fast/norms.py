@@ -190,7 +190,8 @@ _RECIPE = "_ugatit_rectified"
 
 @dataclass(frozen=True)
 class Rectified:
-    """How a rectified fused-norm output was made: relu(scale * source + shift), (B, C) coefficients in fp32.
+    """How a rectified fused-norm output was made: relu(scale * source + shift), with (B, C) coefficients in the
+    statistics' dtype (fp32, or fp64 for fp64 inputs).
 
     A consumer that needs that output in its backward keeps this instead: the norm keeps `source` anyway."""
 
@@ -209,13 +210,16 @@ class Rectified:
         return getattr(t, _RECIPE, None)
 
 
-def _recording(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records a call on `tensors`: only then is a rectified output made from x, to carry its
-    recipe; otherwise the ReLU runs in place on the norm's usual output, as the exact layers do."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _with_recipe(out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def _normalized(function: type[torch.autograd.Function], x: torch.Tensor, *args, rectify: bool) -> torch.Tensor:
+    """`function` (a fused norm, its last argument `rectify`) on x, with the ReLU after it if `rectify`. Only while
+    autograd records the call is the rectified output made from x as one node and given its recipe; otherwise the
+    ReLU runs in place on the norm's usual output, as the exact layers do."""
+    recording = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, *args))
+    with autocast_off(x):
+        if not (rectify and recording):
+            out = function.apply(x, *args, False)
+            return out.relu_() if rectify else out
+        out, scale, shift = function.apply(x, *args, True)
     if not torch.compiler.is_compiling():
         setattr(out, _RECIPE, Rectified(x.detach(), scale, shift))
     return out
@@ -249,7 +253,7 @@ class _InstanceLayerNorm(torch.autograd.Function):
         ctx.layout = layout
         ctx.meta = (rho.shape, rho.dtype, gamma.shape, gamma.dtype, beta.shape, beta.dtype)
         ctx.rectify = rectify
-        if rectify:  # from x, as `Rectified.recompute` makes it
+        if rectify:  # from x, as `Rectified.recompute` makes it (any normalised planes y go unused)
             scale, shift = a.expand(b, c).contiguous(), shift - a * mean
             ctx.save_for_backward(x, mean, r_in, r_ln, rho_v, gam, scale, shift)
             ctx.mark_non_differentiable(scale, shift)
@@ -338,12 +342,7 @@ def instance_layer_norm_fused(
     ):
         out = instance_layer_norm(x, rho, gamma, beta, eps)
         return F.relu(out) if rectify else out
-    with autocast_off(x):
-        if not (rectify and _recording(x, rho, gamma, beta)):
-            out = _InstanceLayerNorm.apply(x, rho, gamma, beta, eps, False)
-            return out.relu_() if rectify else out
-        out, scale, shift = _InstanceLayerNorm.apply(x, rho, gamma, beta, eps, True)
-    return _with_recipe(out, x, scale, shift)
+    return _normalized(_InstanceLayerNorm, x, rho, gamma, beta, eps, rectify=rectify)
 
 
 class _InstanceNorm(torch.autograd.Function):
@@ -355,7 +354,7 @@ class _InstanceNorm(torch.autograd.Function):
         rstd = sd.reciprocal()
         ctx.layout = layout
         ctx.rectify = rectify
-        if rectify:  # from x, as `Rectified.recompute` makes it
+        if rectify:  # from x, as `Rectified.recompute` makes it (any normalised planes y go unused)
             shift = -mean * rstd
             ctx.save_for_backward(x, mean, rstd, shift)
             ctx.mark_non_differentiable(rstd, shift)
@@ -400,12 +399,7 @@ def instance_norm_fused(x: torch.Tensor, eps: float = EPS, rectify: bool = False
     ):
         out = F.instance_norm(x, eps=eps)
         return F.relu(out) if rectify else out
-    with autocast_off(x):
-        if not (rectify and _recording(x)):
-            out = _InstanceNorm.apply(x, eps, False)
-            return out.relu_() if rectify else out
-        out, rstd, shift = _InstanceNorm.apply(x, eps, True)
-    return _with_recipe(out, x, rstd, shift)
+    return _normalized(_InstanceNorm, x, eps, rectify=rectify)
 
 
 def instance_layer_norm_fp32_affine(

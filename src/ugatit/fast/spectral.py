@@ -66,8 +66,12 @@ class DeferredGrads:
 
     def grad(self, weight: torch.Tensor) -> torch.Tensor:
         """W's gradient, built."""
+        return _built_grad(*self._joined(weight), weight)
+
+    def _joined(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """W's factor pairs as one pair: A^T @ B summed over pairs is the product of the stacked rows."""
         pairs = self.factors[weight]
-        return _built_grad(torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs]), weight)
+        return torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs])
 
     def finite(self) -> bool:
         """Whether every deferred gradient is finite, mostly without building it: finite factors whose entries
@@ -85,8 +89,8 @@ class DeferredGrads:
         its gradient built just before and freed just after (or block by block: `_adam_by_blocks`); the other
         gradients must be applied (and freed) first, since each `optimizer.step()` updates every parameter that has
         one."""
-        for weight, pairs in self.factors.items():
-            grad_rows, rows = torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs])
+        for weight in self.factors:
+            grad_rows, rows = self._joined(weight)
             if not _adam_by_blocks(optimizer, weight, grad_rows, rows):
                 weight.grad = _built_grad(grad_rows, rows, weight)
                 optimizer.step()
