@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import statistics
+import weakref
 
 import numpy as np
 import pytest
@@ -464,6 +465,42 @@ def test_fast_generator_keeps_no_rectified_map_for_its_backward():
         kept_maps = [r.untyped_storage().data_ptr() in saved for r in rectified]
         assert len(kept_maps) == len(after_norms) and all(kept_maps) == any(kept_maps) == kept, (swap, kept_maps)
         out[0].sum().backward()
+
+
+def _held_across_generators(trainer: Trainer, a: torch.Tensor, b: torch.Tensor) -> list[int]:
+    """For each generator call of a step's G update (after the two translations), how many tensors saved for the
+    backward by the other generator's G-update calls are still held when it starts."""
+    calls: list[nn.Module] = []  # the generators in call order
+    alive: weakref.WeakSet = weakref.WeakSet()
+    held = []
+
+    class Saved:  # what a graph holds for one saved tensor, with the generator call that saved it
+        def __init__(self, tensor: torch.Tensor):
+            self.tensor, self.call = tensor, len(calls) - 1
+            alive.add(self)
+
+    def enter(net, _args):
+        if len(calls) >= 2:
+            held.append(sum(saved.call >= 2 and calls[saved.call] is not net for saved in alive))
+        calls.append(net)
+
+    hooks = [trainer.nets[name].register_forward_pre_hook(enter) for name in ("genA2B", "genB2A")]
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.tensor):
+        trainer.train_step(a, b)
+    for hook in hooks:
+        hook.remove()
+    return held
+
+
+@pytest.mark.parametrize("fast_dtype", ["float32", "bfloat16"])
+def test_fast_generator_update_keeps_one_generators_graph_at_a_time(fast_dtype):
+    """The fast G update backpropagates each generator's cycle and identity passes (one call on both batches)
+    before the other generator's run: when that one starts, nothing the first saved for its backward is held. The
+    exact update keeps every pass's graph until its one backward."""
+    exact, quick, a, b = _pair(fast_dtype)
+    assert _held_across_generators(quick, a, b) == [0, 0]
+    held = _held_across_generators(exact, a, b)
+    assert len(held) == 4 and min(held[1:]) > 0, held
 
 
 def test_reflection_padding_keeps_only_the_shape_for_its_backward():

@@ -92,3 +92,16 @@ def generator_losses(
         )
     terms["g_loss"] = terms["G_loss_A"] + terms["G_loss_B"]
     return terms
+
+
+def cycle_and_identity_loss(
+    real: torch.Tensor, cycled: torch.Tensor, identity: torch.Tensor, target_cam: torch.Tensor, run: RunConfig
+) -> torch.Tensor:
+    """The share of one domain's G_loss that the generator into it reaches through its cycle and identity passes
+    alone (`generator_losses`' names): a backward of it can run, and free those passes' graph, before the other
+    generator's passes are computed."""
+    return (
+        run.cycle_weight * _l1(cycled, real)
+        + run.identity_weight * _l1(identity, real)
+        + run.cam_weight * _bce(target_cam, 0.0)
+    )

@@ -10,8 +10,9 @@ that domain's update.
 
 With `precision="fast"` the trainer swaps `ugatit.fast` into its networks, computes in the fast dtype, uses fused
 Adam, runs paired passes as one (`fast.stacked`) and, outside DDP, builds the discriminators' largest weight
-gradients one at a time in their update (`fast.deferred_weight_grads`: the same numbers); with "exact" it keeps the
-official fp32 computation.
+gradients one at a time in their update (`fast.deferred_weight_grads`: the same numbers) and runs the G update's
+backward in three parts, each generator's cycle and identity passes before the other generator's are computed, then
+the rest (the same gradients, summed in another order); with "exact" it keeps the official fp32 computation.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import fast
 from .config import ConfigError, ModelConfig, RunConfig
-from .losses import JUDGES, Outputs, discriminator_losses, generator_losses
+from .losses import JUDGES, Outputs, cycle_and_identity_loss, discriminator_losses, generator_losses
 from .models import DISCRIMINATORS, GENERATORS, build_networks
 from .norms import clip_rho
 from .tuning import release_free_heap
+
+OTHER = {"A": "B", "B": "A"}
 
 
 def learning_rate(run: RunConfig, step: int) -> float:
@@ -119,6 +122,9 @@ class Trainer:
         # The fast discriminators' largest weight gradients stay factored until their update, which builds them one
         # at a time (`fast.deferred_weight_grads`); DDP must see every gradient to reduce it.
         self.defer_grads = run.fast and not distributed
+        # The fast path backpropagates each generator's cycle and identity passes before the other generator's run
+        # (`_cycle_and_identity_backward`); under DDP a generator's gradients must come from one backward.
+        self.split_backward = run.fast and not distributed
         self.opt_G = _adam(itertools.chain(*(self.nets[n].parameters() for n in GENERATORS)), run)
         self.opt_D = _adam(itertools.chain(*(self.nets[n].parameters() for n in DISCRIMINATORS)), run)
         self.step = 0
@@ -209,11 +215,17 @@ class Trainer:
         for name in DISCRIMINATORS:
             self.nets[name].requires_grad_(False)
         try:
+            if self.split_backward:
+                (cycled, identity, target_cams), fake_grads = self._cycle_and_identity_backward(gens, real, fake)
+            else:
+                with self.autocast():
+                    cycled, identity, target_cams = self._cycle_and_identity(gens, real, fake)
+                fake_grads = {}
             with self.autocast():
-                cycled, identity, target_cams = self._cycle_and_identity(gens, real, fake)
                 fake_scores = {name: self.nets[f"dis{name}"](fake[domain]) for name, domain in JUDGES}
                 terms = generator_losses(fake_scores, real, cycled, identity, source_cams, target_cams, self.run)
-            terms["g_loss"].backward()
+            outputs = [terms["g_loss"], *(fake[d] for d in fake_grads)]
+            torch.autograd.backward(outputs, [None, *fake_grads.values()])
         finally:
             for name in DISCRIMINATORS:
                 self.nets[name].requires_grad_(True)
@@ -228,13 +240,29 @@ class Trainer:
         """Keyed by domain X: real[X] translated out and back, real[X] through the generator into X, and that
         generator's CAM logits on it. The fast path runs each generator's two passes as one batch (every layer
         works per sample: the same function, with fewer, larger convolutions)."""
-        other = {"A": "B", "B": "A"}
         if self.run.fast:
-            out = {d: fast.stacked(gens[d], fake[other[d]], real[d]) for d in "AB"}
+            out = {d: fast.stacked(gens[d], fake[OTHER[d]], real[d]) for d in "AB"}
             return {d: out[d][0][0] for d in "AB"}, {d: out[d][1][0] for d in "AB"}, {d: out[d][1][1] for d in "AB"}
-        cycled = {d: gens[d](fake[other[d]])[0] for d in "AB"}
+        cycled = {d: gens[d](fake[OTHER[d]])[0] for d in "AB"}
         identity = {d: gens[d](real[d]) for d in "AB"}
         return cycled, {d: out[0] for d, out in identity.items()}, {d: out[1] for d, out in identity.items()}
+
+    def _cycle_and_identity_backward(
+        self, gens: dict[str, nn.Module], real: dict[str, torch.Tensor], fake: dict[str, torch.Tensor]
+    ) -> tuple[tuple[dict[str, torch.Tensor], ...], dict[str, torch.Tensor]]:
+        """`_cycle_and_identity` one generator at a time, each followed by the backward of its share of the loss
+        (`cycle_and_identity_loss`), so that one generator's graph is alive instead of two; the other terms' graphs
+        (the translations', the discriminators') stay for the caller's backward. Returns its outputs, detached, and
+        the gradient these passes send into each translation (keyed by domain, as `fake`) for that backward."""
+        inputs = {d: fake[d].detach().requires_grad_() for d in "AB"}
+        outputs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for d in "AB":
+            with self.autocast():
+                (cycled, _, _), (identity, cam, _) = fast.stacked(gens[d], inputs[OTHER[d]], real[d])
+                loss = cycle_and_identity_loss(real[d], cycled, identity, cam, self.run)
+            loss.backward()  # outside autocast, as every backward here
+            outputs[d] = (cycled.detach(), identity.detach(), cam.detach())
+        return tuple({d: out[i] for d, out in outputs.items()} for i in range(3)), {d: inputs[d].grad for d in "AB"}
 
     def _apply(self, optimizer: torch.optim.Optimizer, name: str, deferred: fast.DeferredGrads | None = None) -> bool:
         """Take the optimizer step unless a gradient is inf or NaN, which Adam would turn into NaN weights for good.
