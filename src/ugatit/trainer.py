@@ -97,6 +97,21 @@ def prepare(
     return dtype, layout
 
 
+def _stacked_passes(
+    gen: nn.Module, translated: torch.Tensor, real: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A generator's cycle pass (on the translation out of its domain) and identity pass (on its domain's real
+    batch) as one call (every layer works per sample: the same function, with fewer, larger convolutions): the
+    cycled images, the identity images and the identity pass's CAM logits."""
+    (cycled, _, _), (identity, cam, _) = fast.stacked(gen, translated, real)
+    return cycled, identity, cam
+
+
+def _by_output(per_domain: dict[str, tuple[torch.Tensor, ...]]) -> tuple[dict[str, torch.Tensor], ...]:
+    """{domain: (output 0, output 1, ...)} as ({domain: output 0}, {domain: output 1}, ...)."""
+    return tuple(dict(zip(per_domain, outputs, strict=True)) for outputs in zip(*per_domain.values(), strict=True))
+
+
 class Trainer:
     """Owns the networks (keyed by their official names) and the optimizers; `step` counts completed steps and
     `skipped` the updates left out because their gradients were not finite (the discriminators of each domain
@@ -119,12 +134,11 @@ class Trainer:
         # Real and fake batches go through a discriminator in one call only where its fast layers count the call as
         # two power iterations (not the TF architecture's spectral norm).
         self.stack_judges = run.fast and all(fast.is_fast(self.nets[name]) for name in DISCRIMINATORS)
-        # The fast discriminators' largest weight gradients stay factored until their update, which builds them one
-        # at a time (`fast.deferred_weight_grads`); DDP must see every gradient to reduce it.
-        self.defer_grads = run.fast and not distributed
-        # The fast path backpropagates each generator's cycle and identity passes before the other generator's run
-        # (`_cycle_and_identity_backward`); under DDP a generator's gradients must come from one backward.
-        self.split_backward = run.fast and not distributed
+        # Two savings of the fast path that DDP cannot take, since it reduces every gradient as one backward leaves
+        # it: the discriminators' largest weight gradients stay factored until their update, which builds them one
+        # at a time (`fast.deferred_weight_grads`), and the G update backpropagates each generator's cycle and
+        # identity passes before the other generator's run (`_cycle_and_identity_backward`).
+        self.piecewise_backward = run.fast and not distributed
         self.opt_G = _adam(itertools.chain(*(self.nets[n].parameters() for n in GENERATORS)), run)
         self.opt_D = _adam(itertools.chain(*(self.nets[n].parameters() for n in DISCRIMINATORS)), run)
         self.step = 0
@@ -189,7 +203,7 @@ class Trainer:
             terms = discriminator_losses(real_scores, fake_scores, self.run)
         ok = True
         for domain in "AB":
-            with fast.deferred_weight_grads() if self.defer_grads else contextlib.nullcontext() as deferred:
+            with fast.deferred_weight_grads() if self.piecewise_backward else contextlib.nullcontext() as deferred:
                 terms[f"D_loss_{domain}"].backward()
             ok &= self._apply(self.opt_D, "D", deferred)
         return terms, ok
@@ -215,7 +229,7 @@ class Trainer:
         for name in DISCRIMINATORS:
             self.nets[name].requires_grad_(False)
         try:
-            if self.split_backward:
+            if self.piecewise_backward:
                 (cycled, identity, target_cams), fake_grads = self._cycle_and_identity_backward(gens, real, fake)
             else:
                 with self.autocast():
@@ -238,11 +252,10 @@ class Trainer:
         self, gens: dict[str, nn.Module], real: dict[str, torch.Tensor], fake: dict[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Keyed by domain X: real[X] translated out and back, real[X] through the generator into X, and that
-        generator's CAM logits on it. The fast path runs each generator's two passes as one batch (every layer
-        works per sample: the same function, with fewer, larger convolutions)."""
+        generator's CAM logits on it. The fast path runs each generator's two passes as one call
+        (`_stacked_passes`)."""
         if self.run.fast:
-            out = {d: fast.stacked(gens[d], fake[OTHER[d]], real[d]) for d in "AB"}
-            return {d: out[d][0][0] for d in "AB"}, {d: out[d][1][0] for d in "AB"}, {d: out[d][1][1] for d in "AB"}
+            return _by_output({d: _stacked_passes(gens[d], fake[OTHER[d]], real[d]) for d in "AB"})
         cycled = {d: gens[d](fake[OTHER[d]])[0] for d in "AB"}
         identity = {d: gens[d](real[d]) for d in "AB"}
         return cycled, {d: out[0] for d, out in identity.items()}, {d: out[1] for d, out in identity.items()}
@@ -255,14 +268,14 @@ class Trainer:
         (the translations', the discriminators') stay for the caller's backward. Returns its outputs, detached, and
         the gradient these passes send into each translation (keyed by domain, as `fake`) for that backward."""
         inputs = {d: fake[d].detach().requires_grad_() for d in "AB"}
-        outputs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        outputs = {}
         for d in "AB":
             with self.autocast():
-                (cycled, _, _), (identity, cam, _) = fast.stacked(gens[d], inputs[OTHER[d]], real[d])
+                cycled, identity, cam = _stacked_passes(gens[d], inputs[OTHER[d]], real[d])
                 loss = cycle_and_identity_loss(real[d], cycled, identity, cam, self.run)
             loss.backward()  # outside autocast, as every backward here
             outputs[d] = (cycled.detach(), identity.detach(), cam.detach())
-        return tuple({d: out[i] for d, out in outputs.items()} for i in range(3)), {d: inputs[d].grad for d in "AB"}
+        return _by_output(outputs), {d: inputs[d].grad for d in "AB"}
 
     def _apply(self, optimizer: torch.optim.Optimizer, name: str, deferred: fast.DeferredGrads | None = None) -> bool:
         """Take the optimizer step unless a gradient is inf or NaN, which Adam would turn into NaN weights for good.
