@@ -3,6 +3,7 @@ measured peak in a dtype, so that a time can be read as a fraction of what the m
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -11,17 +12,25 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from ugatit.devices import ieee_fp32
+
 PEAK_CONV_FLOPS = 2 * 256 * 256 * 9 * 64 * 64  # the peak's convolution: 3x3, 256 -> 256 channels, 64 x 64 output
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def describe_cpu() -> str:
-    """The CPU's name, its relevant ISA flags and the torch thread count."""
+    """The CPU's name, its relevant ISA flags and the torch thread count, and any cap on the ISA that the libraries
+    use: with all three of `ISA_CAPS` set to AVX2, an AVX-512 machine runs the code paths of an AVX2 one."""
     lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
     info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
     flags = set(info.get("flags", "").split())
     isa = " ".join(f for f in ISA_FLAGS if f in flags) or "?"
-    return f"{info.get('model name', '?')} ({isa}), {torch.get_num_threads()} threads"
+    caps = ", ".join(f"{name}={os.environ[name]}" for name in ISA_CAPS if name in os.environ)
+    capped = f", ISA capped: {caps} (ATen kernels: {torch.backends.cpu.get_cpu_capability()})" if caps else ""
+    return f"{info.get('model name', '?')} ({isa}){capped}, {torch.get_num_threads()} threads"
 
 
 def count_flops(fn, *args) -> int:
@@ -33,8 +42,10 @@ def count_flops(fn, *args) -> int:
 
 def peak_gflops(dtype: torch.dtype, device: str = "cpu", reps: int = 5) -> float:
     """GFLOP/s of the generators' dominant layer, a 3x3 256-channel convolution on a 64 x 64 map, channels-last, in
-    `dtype`: the highest rate measured here for the work these models do, taken as the machine's peak."""
-    x = torch.randn(1, 256, 66, 66, device=device).to(dtype=dtype, memory_format=torch.channels_last)
+    `dtype` (a batch of 32 on a GPU): the highest rate measured here for the work these models do, taken as the
+    machine's peak. fp32 is IEEE fp32 (no TF32 on a GPU), as ugatit computes it."""
+    batch = 1 if device == "cpu" else 32  # one map is a few microseconds of work for a GPU: too little to fill it
+    x = torch.randn(batch, 256, 66, 66, device=device).to(dtype=dtype, memory_format=torch.channels_last)
     w = torch.randn(256, 256, 3, 3, device=device).to(dtype=dtype, memory_format=torch.channels_last)
 
     def call() -> None:
@@ -42,8 +53,8 @@ def peak_gflops(dtype: torch.dtype, device: str = "cpu", reps: int = 5) -> float
         if device != "cpu":
             torch.cuda.synchronize()
 
-    with torch.inference_mode():
-        return PEAK_CONV_FLOPS / _seconds_per_call(call, reps) / 1e9
+    with torch.inference_mode(), ieee_fp32():
+        return batch * PEAK_CONV_FLOPS / _seconds_per_call(call, reps) / 1e9
 
 
 def peak_int8_gops(reps: int = 5) -> float:

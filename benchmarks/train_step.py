@@ -8,7 +8,8 @@ Timings alternate between the paths inside one process (so machine noise hits th
 seconds per step. Peak memory is measured per path in a fresh child process over --memory-steps steps (peak RSS on
 CPU, peak allocated on CUDA), so that each figure belongs to one path alone. "official" restates the official loop
 on the same networks: 8 generator passes per step, fakes not detached in the D update, discriminator weight
-gradients in the G update.
+gradients in the G update, under PyTorch's default settings as the official code runs (on a GPU that lets cuDNN
+compute fp32 convolutions in TF32, which ugatit's paths never do).
 
 Beside each time: the step's FLOP count (the official loop's own for "official"; the ugatit step's, counted on the
 exact path, for "exact" and "fast", whose kernels do the same work in fewer operations where they use Winograd), the

@@ -112,18 +112,22 @@ def main() -> None:
             ),
         }
         try:
-            from ugatit.export import export_onnx
+            from ugatit.export import ExportError, export_onnx
             from ugatit.onnx_runtime import OnnxTranslator
             from ugatit.quantize import quantize_onnx
 
             onnx_file = export_onnx(checkpoint, Path(tmp) / "g.onnx", "A2B")
             backends["onnxruntime"] = OnnxTranslator.from_file(onnx_file, args.device, args.batch_size)
-            calibration = args.calibration or write_dataset(Path(tmp) / "synthetic", config.img_size, 40, 0) / "trainA"
-            int8_file = Path(tmp) / "g_int8.onnx"
-            report = quantize_onnx(onnx_file, int8_file, calibration)
-            backends["onnxruntime int8"] = OnnxTranslator.from_file(int8_file, args.device, args.batch_size)
+            if args.device == "cpu":  # the int8 export is for CPUs (VNNI / AMX int8 units)
+                synthetic = Path(tmp) / "synthetic"
+                calibration = args.calibration or write_dataset(synthetic, config.img_size, 40, 0) / "trainA"
+                int8_file = Path(tmp) / "g_int8.onnx"
+                report = quantize_onnx(onnx_file, int8_file, calibration)
+                backends["onnxruntime int8"] = OnnxTranslator.from_file(int8_file, args.device, args.batch_size)
         except ImportError:
             print("onnxruntime not installed: skipped (pip install 'ugatit[onnx]')")
+        except ExportError as error:  # a CPU-only onnxruntime asked for --device cuda
+            print(f"onnxruntime skipped: {error}")
 
         image = Image.new("RGB", (config.img_size, config.img_size), (120, 80, 60))
         single, batch = [image], [image] * args.batch_size

@@ -9,6 +9,15 @@ FIXTURE = SHARED / "reference" / "fixtures" / "official_tiny_light.pt"
 HORSE2ZEBRA = SHARED / "datasets" / "horse2zebra"
 
 
+@pytest.fixture(
+    params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+)
+def device(request) -> str:
+    """The devices a test that takes `device` runs on: the CPU, and the GPU where PyTorch sees one (`-k cuda` picks
+    the GPU runs: benchmarks/gpu_check.sh)."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def official_fixture():
     if not FIXTURE.is_file():

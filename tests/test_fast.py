@@ -36,10 +36,10 @@ MODEL, RUN = configs(img_size=64, ch=8, n_res=2, light=True, global_layers=5, lo
 FAST = dataclasses.replace(RUN, precision="fast")
 
 
-def _pair(fast_dtype: str = "bfloat16"):
+def _pair(fast_dtype: str = "bfloat16", device: str = "cpu"):
     torch.manual_seed(0)
-    exact = Trainer(MODEL, RUN)
-    quick = Trainer(MODEL, dataclasses.replace(FAST, fast_dtype=fast_dtype))
+    exact = Trainer(MODEL, RUN, device)
+    quick = Trainer(MODEL, dataclasses.replace(FAST, fast_dtype=fast_dtype), device)
     for name, net in exact.nets.items():
         quick.nets[name].load_state_dict(net.state_dict())
     generator = torch.Generator().manual_seed(1)
@@ -58,8 +58,8 @@ def _conv_weights(net: nn.Module) -> list[torch.Tensor]:
     return [p for p in net.parameters() if p.dim() == 4]
 
 
-def test_fast_kernels_in_fp32_match_the_exact_step(record_gradients):
-    exact, quick, a, b = _pair("float32")  # fused norms and products, NCHW, fused Adam; fp32 arithmetic
+def test_fast_kernels_in_fp32_match_the_exact_step(record_gradients, device):
+    exact, quick, a, b = _pair("float32", device)  # fused norms and products, fused Adam; fp32 arithmetic
     exact_grads, fast_grads = record_gradients(exact), record_gradients(quick)
     exact_terms, fast_terms = exact.train_step(a, b), quick.train_step(a, b)
     assert fast_terms["g_loss"] == pytest.approx(exact_terms["g_loss"], rel=1e-5)
@@ -67,13 +67,15 @@ def test_fast_kernels_in_fp32_match_the_exact_step(record_gradients):
     errors = _relative_grad_errors(exact_grads, fast_grads)
     assert statistics.median(errors.values()) <= 1e-5
     assert max(errors.values()) <= 1e-2, max(errors, key=errors.get)
-    assert quick.memory_format == torch.contiguous_format  # fp32 on CPU: NCHW (fast.memory_format)
-    assert all(w.is_contiguous() for w in _conv_weights(quick.nets["genA2B"]))
+    layout = torch.contiguous_format if device == "cpu" else torch.channels_last  # NCHW for fp32 on a CPU only
+    assert quick.memory_format == layout
+    assert all(w.is_contiguous(memory_format=layout) for w in _conv_weights(quick.nets["genA2B"]))
 
 
 @torch.no_grad()
-def test_bf16_outputs_match_the_exact_path():
-    exact, quick, a, _ = _pair()
+def test_bf16_outputs_match_the_exact_path(device):
+    exact, quick, a, _ = _pair(device=device)
+    a = a.to(device)
     x = a.contiguous(memory_format=torch.channels_last)
     for name in ("genA2B", "disGA", "disLB"):
         reference = exact.nets[name].eval()(a)
@@ -84,8 +86,8 @@ def test_bf16_outputs_match_the_exact_path():
             assert ((ref - out.float()).norm() / ref.norm()).item() <= 0.03, name
 
 
-def test_bf16_step_gradients_match_to_bf16_accuracy(record_gradients):
-    exact, quick, a, b = _pair()
+def test_bf16_step_gradients_match_to_bf16_accuracy(record_gradients, device):
+    exact, quick, a, b = _pair(device=device)
     exact_grads, fast_grads = record_gradients(exact), record_gradients(quick)
     exact_terms, fast_terms = exact.train_step(a, b), quick.train_step(a, b)
     assert fast_terms["g_loss"] == pytest.approx(exact_terms["g_loss"], rel=0.01)
@@ -103,22 +105,27 @@ def _pixel_diff(reference, output) -> np.ndarray:
     return np.abs(np.asarray(reference, dtype=np.int16) - np.asarray(output, dtype=np.int16))
 
 
-def test_fast_translator_matches_the_exact_one(tmp_path):
+def test_fast_translator_matches_the_exact_one(tmp_path, device):
+    """The fast translator on `device` against the exact one on the CPU."""
     torch.manual_seed(0)
     exact, _, _, _ = _pair()
-    save_model(tmp_path / "g.safetensors", {"genA2B": exact.nets["genA2B"].state_dict()}, MODEL)
+    path = tmp_path / "g.safetensors"
+    save_model(path, {"genA2B": exact.nets["genA2B"].state_dict()}, MODEL)
     images = _images()
-    reference = Translator.from_checkpoint(tmp_path / "g.safetensors")(images)
-    auto = Translator.from_checkpoint(tmp_path / "g.safetensors", precision="fast")
+    reference = Translator.from_checkpoint(path)(images)
+    auto = Translator.from_checkpoint(path, device=device, precision="fast")
     assert auto.precision == "fast"
-    assert auto.dtype == (torch.bfloat16 if fast.native_bf16("cpu") else torch.float32)
-    bf16 = Translator.from_checkpoint(tmp_path / "g.safetensors", precision="fast", fast_dtype="bfloat16")
+    assert auto.dtype == (torch.bfloat16 if fast.native_bf16(device) else torch.float32)
+    bf16 = Translator.from_checkpoint(path, device=device, precision="fast", fast_dtype="bfloat16")
     assert bf16.dtype == torch.bfloat16 and fast.is_fast(bf16.generator)
     for ref, out in zip(reference, bf16(images), strict=True):
         diff = _pixel_diff(ref, out)
         assert diff.mean() <= 3.0, diff.mean()
-    fp32 = Translator.from_checkpoint(tmp_path / "g.safetensors", precision="fast", fast_dtype="float32")
+    fp32 = Translator.from_checkpoint(path, device=device, precision="fast", fast_dtype="float32")
     for ref, out in zip(reference, fp32(images), strict=True):  # fp32 kernels: rounding only
+        assert _pixel_diff(ref, out).max() <= 1
+    on_device = Translator.from_checkpoint(path, device=device)  # the exact path on `device`
+    for ref, out in zip(reference, on_device(images), strict=True):
         assert _pixel_diff(ref, out).max() <= 1
 
 
@@ -300,11 +307,11 @@ def _relative(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["exact", "fast"])
-def test_compiled_training_steps(precision):
+def test_compiled_training_steps(precision, device):
     """`--compile`: discriminators run twice before one backward, so the spectral norms' saved vectors must survive
     the second call's power iteration also in compiled graphs (they did not, before sigma ran eagerly)."""
     torch.manual_seed(0)
-    trainer = Trainer(MODEL, dataclasses.replace(RUN, precision=precision, compile=True, lr=1e-4))
+    trainer = Trainer(MODEL, dataclasses.replace(RUN, precision=precision, compile=True, lr=1e-4), device)
     a, b = (torch.rand(1, 3, 64, 64) * 2 - 1 for _ in range(2))
     for _ in range(2):
         terms = trainer.train_step(a, b)
@@ -540,6 +547,17 @@ def test_fast_dtype_is_bf16_only_where_the_hardware_has_it():
     assert fast.resolve_dtype("float32", "cpu") == torch.float32
     assert Trainer(MODEL, dataclasses.replace(RUN, fast_dtype="bfloat16")).dtype == torch.float32
     assert Trainer(MODEL, FAST).dtype == fast.resolve_dtype("auto", "cpu")
+
+
+def test_fast_dtype_auto_is_fp32_where_onednn_is_capped_below_bf16(monkeypatch):
+    """With oneDNN held to AVX2 a bf16 convolution is emulated even on a bf16 CPU, so "auto" must not pick bf16."""
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert fast.native_bf16("cpu") is False
+    assert fast.resolve_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    cpu_has_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert fast.native_bf16("cpu") == cpu_has_bf16
 
 
 def test_fast_layout_is_channels_last_except_fp32_on_cpu(tmp_path):

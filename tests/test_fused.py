@@ -11,7 +11,7 @@ from ugatit.norms import instance_layer_norm
 SHAPES = [(1, 4, 8, 8), (3, 16, 8, 24), (1, 64, 40, 16), (3, 32, 64, 24), (3, 64, 16, 64), (1, 8, 64, 64)]
 
 
-def make_inputs(shape, per_sample, channels_last=False, seed=0, dtype=torch.float32):
+def make_inputs(shape, per_sample, channels_last=False, seed=0, dtype=torch.float32, device="cpu"):
     b, c, h, w = shape
     gen = torch.Generator().manual_seed(seed)
     # Per-channel offsets and scales, so that the instance and layer statistics differ.
@@ -25,7 +25,7 @@ def make_inputs(shape, per_sample, channels_last=False, seed=0, dtype=torch.floa
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         grad = grad.contiguous(memory_format=torch.channels_last)
-    return [t.to(dtype) for t in (x, rho, gamma, beta, grad)]
+    return [t.to(device, dtype) for t in (x, rho, gamma, beta, grad)]
 
 
 def run(fn, x, rho, gamma, beta, grad):
@@ -51,8 +51,8 @@ def max_scaled_error(a, b):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("per_sample", [True, False], ids=["adailn", "iln"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_fp32_matches_exact(shape, per_sample, channels_last):
-    x, rho, gamma, beta, grad = make_inputs(shape, per_sample, channels_last)
+def test_fp32_matches_exact(shape, per_sample, channels_last, device):
+    x, rho, gamma, beta, grad = make_inputs(shape, per_sample, channels_last, device=device)
     exact = run(instance_layer_norm, x, rho, gamma, beta, grad)
     fused = run(instance_layer_norm_fused, x, rho, gamma, beta, grad)
     names = ["out", "x.grad", "rho.grad", "gamma.grad", "beta.grad"]

@@ -39,7 +39,7 @@ def _scaled_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_eval_outputs_match(official_fixture, dtype):
+def test_eval_outputs_match(official_fixture, dtype, device):
     """Evaluated in float64 our networks are the official function: they land within 1e-5 (of each tensor's scale)
     of the official fp32 outputs, whose own rounding is ~5e-6 of scale. In fp32 they match to the last bits on
     the CPU kind the fixture was made on, and to fp32 accumulation error (~1.5e-5 of scale, through seven
@@ -49,20 +49,20 @@ def test_eval_outputs_match(official_fixture, dtype):
     probe = official_fixture["probe"]
     for name in NETWORKS:
         x = probe["x_A"] if name in ("genA2B", "disGA", "disLA") else probe["x_B"]
-        outputs = nets[name].to(dtype).eval()(x.to(dtype))
-        for field, value in zip(("out", "cam_logit", "heatmap"), outputs, strict=True):
+        outputs = nets[name].to(device, dtype).eval()(x.to(device, dtype))
+        for field, value in zip(("out", "cam_logit", "heatmap"), (out.cpu() for out in outputs), strict=True):
             reference = probe[f"{name}.{field}"]
             assert value.shape == reference.shape
             assert value.dtype == dtype
             assert _scaled_error(value, reference) <= tolerance, f"{name}.{field}"
 
 
-def test_four_training_steps_match(official_fixture, two_threads):
+def test_four_training_steps_match(official_fixture, two_threads, device):
     """Losses of each step and every final tensor, u and v included: 3 training-mode calls per discriminator per
     step advance the power iteration 12 times, and any other count would leave different vectors."""
     config, nets = _networks(official_fixture)
     run = _run(official_fixture)
-    trainer = Trainer(config, run, nets=nets)
+    trainer = Trainer(config, run, device, nets=nets)
     batches, losses = official_fixture["batches"], official_fixture["losses"]
     steps = len(batches["real_A"])
     for k in range(steps):
@@ -70,7 +70,8 @@ def test_four_training_steps_match(official_fixture, two_threads):
         for name in ("d_loss", "g_loss"):
             reference = losses[name][k].item()
             assert abs(terms[name] - reference) <= 1e-5 * abs(reference), f"step {k + 1} {name}"
-    final = ours_to_official({name: net.state_dict() for name, net in trainer.nets.items()}, config)
+    states = {name: {key: value.cpu() for key, value in net.state_dict().items()} for name, net in trainer.nets.items()}
+    final = ours_to_official(states, config)
     # Adam's first steps move each weight by about lr * sign(gradient): where a gradient is at rounding level, a
     # CPU whose kernels sum in another order can take the opposite sign (seen on an AVX2 AMD EPYC: 0.07 % of the
     # elements, at most 3.7 % of one tensor, each off by up to 2 * lr). So every element must be within 1e-5 or

@@ -32,6 +32,7 @@ from . import __version__
 from .checkpoint import atomic_write, read_model_config
 from .config import check_precision, to_dict
 from .data import LOAD_THREADS, DataError, eval_transform, list_images, load_rgb, parallel_map, to_uint8
+from .devices import ieee_fp32
 from .inception import FEATURE_DIM, WEIGHTS_NAME, InceptionFeatures
 from .inference import Translator, default_batch_size, translate_files
 from .metrics import fid, kid_blocks, kid_subsets, mean_kid, mmd2_unbiased
@@ -107,7 +108,7 @@ def extract_features(
 
 
 def _features(model: InceptionFeatures, batch: torch.Tensor) -> np.ndarray:
-    with torch.inference_mode():
+    with torch.inference_mode(), ieee_fp32():
         return model(batch).double().cpu().numpy()
 
 
@@ -395,7 +396,7 @@ class KIDTracker:
     def _fake_features(self, generator: torch.nn.Module, inputs: torch.Tensor, device: torch.device) -> np.ndarray:
         features = []
         step = default_batch_size(device)  # the generator's own batch; `batch_size` is Inception's
-        with torch.inference_mode():
+        with torch.inference_mode(), ieee_fp32():
             for start in range(0, len(inputs), self.batch_size):
                 chunk = inputs[start : start + self.batch_size].to(device)
                 fake = torch.cat([generator(chunk[i : i + step])[0].float() for i in range(0, len(chunk), step)])

@@ -29,6 +29,7 @@ from . import fast
 from .checkpoint import describe_source, fit_states, load_model, resolve_model
 from .config import ModelConfig, check_precision
 from .data import LOAD_THREADS, eval_transform, list_images, load_rgb, parallel_map, to_image
+from .devices import ieee_fp32
 from .models import build_generator, generator_name
 from .visualize import overlay_heatmap, save_image
 
@@ -175,7 +176,7 @@ class Translator(ImageTranslator):
     def _forward(self, inputs: torch.Tensor) -> tuple[list[Image.Image], torch.Tensor]:
         device = self.device
         x = inputs.to(device, memory_format=self.memory_format)
-        with torch.inference_mode(), fast.autocast(device, self.dtype):
+        with torch.inference_mode(), ieee_fp32(), fast.autocast(device, self.dtype):
             outputs, _, heatmaps = self.generator(x)
         return [to_image(y) for y in outputs.float().cpu()], heatmaps.float().cpu()
 

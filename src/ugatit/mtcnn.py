@@ -26,6 +26,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+from .devices import ieee_fp32
+
 WEIGHTS = Path(__file__).parent / "weights" / "mtcnn.safetensors"
 
 # Above this many box coordinates torchvision's CPU `batched_nms` takes its per-class loop, which re-sorts the kept
@@ -310,7 +312,7 @@ class MTCNN:
 
     def stages(self, image: Image.Image | np.ndarray) -> Stages:
         """`detect`, also returning the boxes that fed R-Net and O-Net, to locate a divergence from the reference."""
-        with torch.inference_mode():
+        with torch.inference_mode(), ieee_fp32():
             return self._run(_as_rgb_array(image))
 
     def _scales(self, h: int, w: int) -> list[float]:

@@ -9,6 +9,7 @@ fast path does"). So `fast_dtype="auto"` asks the device.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -20,8 +21,19 @@ def native_bf16(device: torch.device | str) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, so looked up defensively
-        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes) and not _onednn_capped_below_bf16()
     return False
+
+
+# oneDNN's ISA levels below its first with bf16 dot products (AVX512_CORE_BF16)
+_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def _onednn_capped_below_bf16() -> bool:
+    """Whether ONEDNN_MAX_CPU_ISA (or its old name) keeps oneDNN off the bf16 instructions: the CPU has them, but
+    the convolutions would emulate bf16 as on a CPU without."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    return cap.upper() in _ISAS_WITHOUT_BF16
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
