@@ -518,7 +518,8 @@ def _add_export_parser(sub: Any) -> None:
     p.add_argument("--opset", type=int, default=None, help="onnx: opset version (default 17)")
     p.add_argument(
         "--quantize", choices=["int8"], default=None,
-        help="onnx: int8 convolutions calibrated on --calibration, for CPUs with VNNI or AMX (its error is printed)",
+        help="onnx: int8 convolutions calibrated on --calibration, fastest on CPUs with VNNI or AMX (its error is "
+        "printed)",
     )  # fmt: skip
     p.add_argument("--calibration", help="--quantize: folder of the generator's input images (e.g. trainA for A2B)")
     p.add_argument(

@@ -5,6 +5,12 @@ beats. Its int8 convolutions (activations uint8, weights int8: "U8S8") use the C
 (VNNI, AMX) where it has them and can outrun both; the other pairing (S8S8, the quantizer's default) is many times
 slower on x86, so it is never used.
 
+Why 7-bit weights. On x86 CPUs without VNNI (AVX2, and AVX-512 without VNNI) ONNX Runtime's U8S8 kernels add pairs
+of uint8 x int8 products in 16 bits with saturation, and two products of 255 x 127 overflow it: such a CPU would
+silently clip some sums. With weights in [-64, 64] (the quantizer's `reduce_range`) a pair is at most
+2 x 255 x 64 = 32640, which fits, so one int8 file is right on every x86 CPU; on a trained model it cost 0.1 dB
+against fp32 and no speed on a VNNI CPU (docs/performance.md).
+
 What is quantized. Static quantization with ranges calibrated on images of the generator's input domain, written in
 the QDQ format (QuantizeLinear / DequantizeLinear pairs around float ops, which ONNX Runtime fuses into int8 kernels
 and other runtimes read too). The convolutions (weights per output channel), the reflection pads and the nearest
@@ -311,7 +317,7 @@ def quantize_onnx(
             quantize_static(
                 str(fp32), str(quantized), _Batches(iter(calibration_set)),
                 quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                per_channel=True, op_types_to_quantize=list(QUANTIZED_OPS),
+                per_channel=True, reduce_range=True, op_types_to_quantize=list(QUANTIZED_OPS),
                 nodes_to_exclude=_narrow_convolutions(proto),
                 calibrate_method=CalibrationMethod.MinMax,
                 extra_options={"CalibMovingAverage": True},
@@ -330,7 +336,7 @@ def quantize_onnx(
     proto.metadata_props.add(key=PRECISION_KEY, value="int8")
     proto.metadata_props.add(
         key="quantization",
-        value=f"static, QDQ, uint8 activations, int8 weights per channel, {'/'.join(QUANTIZED_OPS)} in int8; "
+        value=f"static, QDQ, uint8 activations, 7-bit int8 weights per channel, {'/'.join(QUANTIZED_OPS)} in int8; "
         f"moving-average MinMax ranges from {len(calibration_set)} image(s); {report.describe()}",
     )
     onnx.checker.check_model(proto)
