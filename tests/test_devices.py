@@ -10,6 +10,7 @@ from ugatit.config import configs
 from ugatit.devices import DeviceError, ieee_fp32, resolve_device
 from ugatit.inference import Translator
 from ugatit.synthetic import make_sample
+from ugatit.train import sample_grids
 from ugatit.trainer import Trainer
 
 MODEL, RUN = configs(img_size=32, ch=4, n_res=1, light=True, global_layers=5, local_layers=4)
@@ -67,7 +68,8 @@ def test_ieee_fp32_holds_tf32_off_inside_and_restores_it(tf32_on):
 
 @pytest.mark.parametrize("precision", ["exact", "fast"])
 def test_training_and_translation_never_run_in_tf32(tf32_on, precision, device):
-    """Forward and backward of a training step, and a translation, with TF32 allowed outside: none of them sees it."""
+    """Forward and backward of a training step, its sample grids and a translation, with TF32 allowed outside: none
+    of them sees it."""
     run = dataclasses.replace(RUN, precision=precision)
     trainer = Trainer(MODEL, run, device)
     seen: list[tuple[str, bool]] = []
@@ -75,6 +77,7 @@ def test_training_and_translation_never_run_in_tf32(tf32_on, precision, device):
         _watch(net, seen)
     a, b = (torch.rand(1, 3, 32, 32) * 2 - 1 for _ in range(2))
     trainer.train_step(a, b)
+    sample_grids(trainer, {"A": a, "B": b})
     translator = Translator(trainer.nets["genA2B"], MODEL, precision=precision)
     translator([make_sample("A", np.random.default_rng(0), 32)[0]])
     assert {kind for kind, _ in seen} == {"forward", "backward"}

@@ -44,7 +44,7 @@ from .checkpoint import (
 )  # fmt: skip
 from .config import RESUMABLE, ConfigError, ModelConfig, RunConfig, split_settings, to_dict
 from .data import DataError, eval_transform, format_report, infinite_batches, load_rgb, scan_dataset
-from .devices import resolve_device
+from .devices import ieee_fp32, resolve_device
 from .models import GENERATORS, NETWORKS
 from .trainer import Trainer
 from .tuning import enable_huge_pages
@@ -174,9 +174,10 @@ def sample_grids(trainer: Trainer, images: dict[str, torch.Tensor]) -> dict[str,
     ):
         forward.eval(), backward.eval()
         x = x.to(trainer.device)
-        identity, _, identity_heat = backward(x)
-        fake, _, fake_heat = forward(x)
-        cycle, _, cycle_heat = backward(fake)
+        with ieee_fp32():
+            identity, _, identity_heat = backward(x)
+            fake, _, fake_heat = forward(x)
+            cycle, _, cycle_heat = backward(fake)
         forward.train(), backward.train()
         tiles = (x, identity, identity_heat, fake, fake_heat, cycle, cycle_heat)
         grids[name] = make_grid([sample_column(*(t[i].float().cpu() for t in tiles)) for i in range(x.shape[0])])
