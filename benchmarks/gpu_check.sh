@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check, in one run that fits the device tool's 10-minute command limit: the device-parametrised tests on
-# CUDA (parity fixture, fast against exact, fused norms, TF32 held off, compiled steps), then training-step and
-# translation speed against the official rule. Each part has its own time limit, so that one stuck part leaves the
-# others' figures; everything goes to $OUT/gpu_check.log (or ./gpu_check.log).
+# CUDA (parity fixture, fast against exact, fused norms, TF32 held off), training-step and translation speed against
+# the official rule, then the compiled steps' tests (last, since compiling may take long). Each part has its own
+# time limit, so that one stuck part leaves the others' figures; everything goes to $OUT/gpu_check.log (or
+# ./gpu_check.log).
 #
-#   python benchmarks/... needs nothing but this repo's src/; the parity fixture comes from $UGATIT_SHARED, or from
-#   .gpu/shared where the device tool carries a copy (docs/performance.md, "GPUs", says how).
+# It needs nothing installed but PyTorch and pytest (src/ goes on PYTHONPATH); the parity fixture comes from
+# $UGATIT_SHARED, or from .gpu/shared where the device tool carries a copy (docs/performance.md, "GPUs", says how).
 set -u
 cd "$(dirname "$0")/.."
 log="${OUT:-.}/gpu_check.log"
@@ -26,9 +27,9 @@ part() {  # part SECONDS COMMAND...: run with a limit, log the command, its outp
 
 part 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 part 30 "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-part 170 "$python" -m pytest -q -k cuda -m "slow or not slow" -p no:cacheprovider tests/test_parity.py \
-    tests/test_fast.py tests/test_fused.py tests/test_devices.py
+tests="tests/test_parity.py tests/test_fast.py tests/test_fused.py tests/test_devices.py"
+part 150 "$python" -m pytest -q -p no:cacheprovider -k cuda $tests
 part 90 "$python" benchmarks/train_step.py --device cuda --img-size 256 --reps 5 --memory-steps 3
 part 90 "$python" benchmarks/train_step.py --device cuda --img-size 256 --no-light --reps 3 --memory-steps 2
 part 60 "$python" benchmarks/translate.py --device cuda --reps 20 --batch-size 8
-part 100 "$python" benchmarks/train_step.py --device cuda --img-size 256 --paths fast --compile --reps 5 --no-memory
+part 120 "$python" -m pytest -q -p no:cacheprovider -k cuda -m slow $tests  # compiled steps: compiling takes a while
