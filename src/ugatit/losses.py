@@ -99,7 +99,8 @@ def cycle_and_identity_loss(
 ) -> torch.Tensor:
     """The share of one domain's G_loss that the generator into it reaches through its cycle and identity passes
     alone (`generator_losses`' names): a backward of it can run, and free those passes' graph, before the other
-    generator's passes are computed."""
+    generator's passes are computed. `generator_losses` keeps its own sum of these terms, in the official order,
+    which the exact path's parity is held to."""
     return (
         run.cycle_weight * _l1(cycled, real)
         + run.identity_weight * _l1(identity, real)

@@ -163,6 +163,7 @@ def _choose_samples(reports: dict, data_root: Path, seed: int) -> dict[str, list
 
 
 @torch.no_grad()
+@ieee_fp32()
 def sample_grids(trainer: Trainer, images: dict[str, torch.Tensor]) -> dict[str, Any]:
     """A2B and B2A grids in the official layout: one column per image, tiles real | identity heatmap | identity |
     translation heatmap | translation | cycle heatmap | cycle. Eval mode: no spectral-norm step, no graph."""
@@ -174,10 +175,9 @@ def sample_grids(trainer: Trainer, images: dict[str, torch.Tensor]) -> dict[str,
     ):
         forward.eval(), backward.eval()
         x = x.to(trainer.device)
-        with ieee_fp32():
-            identity, _, identity_heat = backward(x)
-            fake, _, fake_heat = forward(x)
-            cycle, _, cycle_heat = backward(fake)
+        identity, _, identity_heat = backward(x)
+        fake, _, fake_heat = forward(x)
+        cycle, _, cycle_heat = backward(fake)
         forward.train(), backward.train()
         tiles = (x, identity, identity_heat, fake, fake_heat, cycle, cycle_heat)
         grids[name] = make_grid([sample_column(*(t[i].float().cpu() for t in tiles)) for i in range(x.shape[0])])

@@ -160,38 +160,38 @@ class Trainer:
         """Autocast to the run's compute dtype (a no-op in fp32); losses, norm statistics, spectral norms stay fp32."""
         return fast.autocast(self.device, self.dtype)
 
+    @ieee_fp32()  # both paths: the exact one is fp32, and the fast one bf16 or fp32, never TF32
     def train_step(self, real_A: torch.Tensor, real_B: torch.Tensor) -> dict[str, float]:
         """One D update then one G update on a pair of batches; returns every loss term as a float."""
-        with ieee_fp32():  # both paths: the exact one is fp32, and the fast one bf16 or fp32, never TF32
-            lr = learning_rate(self.run, self.step + 1)
-            for optimizer in (self.opt_G, self.opt_D):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            real = {
-                domain: batch.to(self.device, non_blocking=True, memory_format=self.memory_format)
-                for domain, batch in (("A", real_A), ("B", real_B))
-            }
-            # The two translations, shared by both updates. Under DDP they run on the bare generators: a D update must
-            # not arm the generators' gradient reduction.
-            with self.autocast():
-                fake_A2B, cam_A2B, _ = self.nets["genA2B"](real["A"])
-                fake_B2A, cam_B2A, _ = self.nets["genB2A"](real["B"])
-            fake = {"A": fake_B2A, "B": fake_A2B}  # keyed by the domain translated into
-            if self.device.type == "cpu" and self.run.release_heap:
-                # Once per step, where the last G update's activations are all dead and the translations have reused
-                # what they could of them (docs/performance.md, "The C heap").
-                release_free_heap()
-            d_terms, d_ok = self._update_discriminators(real, {d: f.detach() for d, f in fake.items()})
-            g_terms, g_ok = self._update_generators(real, fake, {"A": cam_B2A, "B": cam_A2B})
-            self.step += 1
-            terms = {name: value.detach() for name, value in {**d_terms, **g_terms}.items()}
-            values = torch.stack(list(terms.values())).double().tolist()
-            return {
-                "lr": lr,
-                **dict(zip(terms, values, strict=True)),
-                "skipped_D": float(not d_ok),
-                "skipped_G": float(not g_ok),
-            }
+        lr = learning_rate(self.run, self.step + 1)
+        for optimizer in (self.opt_G, self.opt_D):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        real = {
+            domain: batch.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            for domain, batch in (("A", real_A), ("B", real_B))
+        }
+        # The two translations, shared by both updates. Under DDP they run on the bare generators: a D update must
+        # not arm the generators' gradient reduction.
+        with self.autocast():
+            fake_A2B, cam_A2B, _ = self.nets["genA2B"](real["A"])
+            fake_B2A, cam_B2A, _ = self.nets["genB2A"](real["B"])
+        fake = {"A": fake_B2A, "B": fake_A2B}  # keyed by the domain translated into
+        if self.device.type == "cpu" and self.run.release_heap:
+            # Once per step, where the last G update's activations are all dead and the translations have reused
+            # what they could of them (docs/performance.md, "The C heap").
+            release_free_heap()
+        d_terms, d_ok = self._update_discriminators(real, {d: f.detach() for d, f in fake.items()})
+        g_terms, g_ok = self._update_generators(real, fake, {"A": cam_B2A, "B": cam_A2B})
+        self.step += 1
+        terms = {name: value.detach() for name, value in {**d_terms, **g_terms}.items()}
+        values = torch.stack(list(terms.values())).double().tolist()
+        return {
+            "lr": lr,
+            **dict(zip(terms, values, strict=True)),
+            "skipped_D": float(not d_ok),
+            "skipped_G": float(not g_ok),
+        }
 
     def _update_discriminators(
         self, real: dict[str, torch.Tensor], fake: dict[str, torch.Tensor]
