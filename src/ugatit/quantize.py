@@ -8,8 +8,8 @@ slower on x86, so it is never used.
 Why 7-bit weights. On x86 CPUs without VNNI (AVX2, and AVX-512 without VNNI) ONNX Runtime's U8S8 kernels add pairs
 of uint8 x int8 products in 16 bits with saturation, and two products of 255 x 127 overflow it: such a CPU would
 silently clip some sums. With weights in [-64, 64] (the quantizer's `reduce_range`) a pair is at most
-2 x 255 x 64 = 32640, which fits, so one int8 file is right on every x86 CPU; what the lost bit costs in error and
-speed is measured in docs/performance.md.
+2 x 255 x 64 = 32640, which fits, so one int8 file is right on every x86 CPU (tests/test_quantize.py runs one on an
+emulated AVX2 CPU); what the lost bit costs in error and speed is measured in docs/performance.md.
 
 What is quantized. Static quantization with ranges calibrated on images of the generator's input domain, written in
 the QDQ format (QuantizeLinear / DequantizeLinear pairs around float ops, which ONNX Runtime fuses into int8 kernels
