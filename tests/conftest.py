@@ -1,4 +1,8 @@
 import os
+import platform
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,30 @@ def device(request) -> str:
     """The devices a test that takes `device` runs on: the CPU, and the GPU where PyTorch sees one (`-k cuda` picks
     the GPU runs: benchmarks/gpu_check.sh)."""
     return request.param
+
+
+# oneDNN's, PyTorch's and MKL's ISA caps: a run on the emulated CPU must see that CPU's own flags
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
+@pytest.fixture(scope="session")
+def on_avx2_cpu():
+    """`on_avx2_cpu(code, *args)` runs Python code on an emulated CPU with AVX2 and FMA and no AVX-512, VNNI or AMX
+    (QEMU's user mode, CPU model Haswell, whose CPUID the libraries read to pick their kernels) and returns its
+    standard output. Skips where there is no such emulator (Debian's qemu-user, which .ci/run installs)."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        pytest.skip("the emulated AVX2 CPU is for x86-64 Linux")
+    if shutil.which("qemu-x86_64") is None:
+        pytest.skip("qemu-x86_64 (Debian's qemu-user, which .ci/run installs) is missing")
+    env = {key: value for key, value in os.environ.items() if key not in ISA_CAPS}
+
+    def run(code: str, *args: str) -> str:
+        command = ["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", code, *args]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    return run
 
 
 @pytest.fixture(scope="session")

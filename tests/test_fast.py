@@ -551,6 +551,16 @@ def test_fast_dtype_is_bf16_only_where_the_hardware_has_it():
     assert Trainer(MODEL, FAST).dtype == fast.resolve_dtype("auto", "cpu")
 
 
+def test_fast_dtype_auto_is_fp32_on_a_cpu_without_bf16_units(on_avx2_cpu):
+    """On a CPU whose own flags say AVX2 and no AVX512-BF16 or AMX (emulated, no cap set), PyTorch dispatches its
+    AVX2 kernels and "auto" resolves to fp32."""
+    code = (
+        "import torch, ugatit.fast\n"
+        "print(torch.backends.cpu.get_cpu_capability(), ugatit.fast.resolve_dtype('auto', 'cpu'))"
+    )
+    assert on_avx2_cpu(code).split() == ["AVX2", "torch.float32"]
+
+
 def test_fast_dtype_auto_is_fp32_where_onednn_is_capped_below_bf16(monkeypatch):
     """With oneDNN held to AVX2 a bf16 convolution is emulated even on a bf16 CPU, so "auto" must not pick bf16."""
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)

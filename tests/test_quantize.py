@@ -2,8 +2,6 @@
 independently of the report; int8 convolutions in the file; the variants (heatmap, uint8) kept; the CLI and its
 refusals."""
 
-import platform
-import shutil
 import subprocess
 import sys
 
@@ -115,33 +113,20 @@ np.save(sys.argv[3], session.run(None, {session.get_inputs()[0].name: np.load(sy
 """
 
 
-def _without_vnni() -> list[str]:
-    """The command prefix that runs this Python on an emulated CPU with AVX2 and no VNNI (QEMU's user mode, CPU
-    model Haswell), where ONNX Runtime picks the kernels of such a CPU; the test skips where there is none."""
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        pytest.skip("the emulated AVX2 CPU is for x86-64 Linux")
-    if shutil.which("qemu-x86_64") is None:
-        pytest.skip("qemu-x86_64 (Debian's qemu-user, which .ci/run installs) is missing")
-    return ["qemu-x86_64", "-cpu", "Haswell"]
-
-
-def test_int8_file_computes_the_same_on_a_cpu_without_vnni(files, tmp_path):
+def test_int8_file_computes_the_same_on_a_cpu_without_vnni(files, tmp_path, on_avx2_cpu):
     """Without VNNI, ONNX Runtime's int8 convolutions add pairs of uint8 x int8 products in 16 bits with
     saturation; the file's 7-bit weights keep every pair in range, so an AVX2 CPU computes what this one does. With
     8-bit weights this test fails (tried)."""
-    prefix = _without_vnni()
     pictures = sorted((files["data"] / "testA").iterdir())
     batch = torch.stack([eval_transform(Image.open(p).convert("RGB"), CONFIG.img_size) for p in pictures]).numpy()
     np.save(tmp_path / "x.npy", batch)
-    outputs = {}
-    for name, command in (("here", [sys.executable]), ("avx2", [*prefix, sys.executable])):
-        out = tmp_path / f"{name}.npy"
-        run = [*command, "-c", _RUN_FILE, str(files["int8"]), str(tmp_path / "x.npy"), str(out)]
-        subprocess.run(run, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
-        outputs[name] = np.load(out)
-    assert outputs["here"].shape == (len(pictures), 3, 64, 64)
+    args = [str(files["int8"]), str(tmp_path / "x.npy")]
+    subprocess.run([sys.executable, "-c", _RUN_FILE, *args, str(tmp_path / "here.npy")], check=True, timeout=300)
+    on_avx2_cpu(_RUN_FILE, *args, str(tmp_path / "avx2.npy"))
+    here, avx2 = np.load(tmp_path / "here.npy"), np.load(tmp_path / "avx2.npy")
+    assert here.shape == (len(pictures), 3, 64, 64)
     # The fp32 parts of the graph may round differently there: a fraction of an 8-bit level (1 / 127.5) at most.
-    assert np.abs(outputs["here"] - outputs["avx2"]).max() <= 1e-4
+    assert np.abs(here - avx2).max() <= 1e-4
 
 
 def test_pads_and_upsampling_run_on_uint8_maps(files):
