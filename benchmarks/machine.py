@@ -13,17 +13,15 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ugatit.devices import ieee_fp32
+from ugatit.fast.precision import ISA_CAPS
 
 PEAK_CONV_FLOPS = 2 * 256 * 256 * 9 * 64 * 64  # the peak's convolution: 3x3, 256 -> 256 channels, 64 x 64 output
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
-ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
-
-
 def describe_cpu() -> str:
     """The CPU's name, its relevant ISA flags and the torch thread count, and any cap on the ISA that the libraries
-    use: with all three of `ISA_CAPS` set to AVX2, an AVX-512 machine runs the code paths of an AVX2 one."""
+    use (`ugatit.fast.precision.ISA_CAPS`)."""
     lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
     info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
     flags = set(info.get("flags", "").split())

@@ -22,10 +22,6 @@ def device(request) -> str:
     return request.param
 
 
-# oneDNN's, PyTorch's and MKL's ISA caps: a run on the emulated CPU must see that CPU's own flags
-ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
-
-
 @pytest.fixture(scope="session")
 def on_avx2_cpu():
     """`on_avx2_cpu(code, *args)` runs Python code on an emulated CPU with AVX2 and FMA and no AVX-512, VNNI or AMX
@@ -35,7 +31,9 @@ def on_avx2_cpu():
         pytest.skip("the emulated AVX2 CPU is for x86-64 Linux")
     if shutil.which("qemu-x86_64") is None:
         pytest.skip("qemu-x86_64 (Debian's qemu-user, which .ci/run installs) is missing")
-    env = {key: value for key, value in os.environ.items() if key not in ISA_CAPS}
+    from ugatit.fast.precision import ISA_CAPS
+
+    env = {key: value for key, value in os.environ.items() if key not in ISA_CAPS}  # the emulated CPU's own flags
 
     def run(code: str, *args: str) -> str:
         command = ["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", code, *args]

@@ -25,6 +25,10 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
+# The environment variables that hold a library below the CPU's own instruction set: oneDNN's (and its old name),
+# PyTorch's own kernels' and MKL's. Set to AVX2 together, an AVX-512 CPU runs the code paths of an AVX2 one.
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
 # oneDNN's ISA levels below its first with bf16 dot products (AVX512_CORE_BF16)
 _ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
