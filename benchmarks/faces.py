@@ -11,33 +11,19 @@ unless `--model` names one (speed does not depend on the weights).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-from machine import describe_cpu
+from machine import describe_cpu, medians, random_model
 from PIL import Image
 
-from ugatit.checkpoint import read_model_config, save_model
+from ugatit.checkpoint import read_model_config
 from ugatit.config import ModelConfig
 from ugatit.faces import find_faces, translate_faces
 from ugatit.inference import Translator
-from ugatit.models import build_generator
 from ugatit.mtcnn import MTCNN
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fixtures" / "mtcnn" / "images"
-
-
-def median_seconds(work, reps: int) -> float:
-    work()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -52,7 +38,7 @@ def main() -> None:
         Image.open(IMAGES / "a_astronaut.png").convert("RGB")
     )
     for label, image in (("256x256 face crop", crop), (f"{photo.width}x{photo.height} photo", photo)):
-        seconds = median_seconds(lambda image=image: detector.detect(image), args.reps)
+        seconds = medians({label: lambda image=image: detector.detect(image)}, args.reps)[label]
         print(f"detect, {label}: {seconds * 1000:.1f} ms")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,10 +46,7 @@ def main() -> None:
         if args.model:
             model = Path(args.model)
         else:
-            config = ModelConfig(light=True, arch="official-tf")
-            torch.manual_seed(0)
-            model = tmp / "model.safetensors"
-            save_model(model, {"genA2B": build_generator(config).state_dict()}, config)
+            model = random_model(tmp / "model.safetensors", ModelConfig(light=True, arch="official-tf"))
         translator = Translator.from_checkpoint(model, "A2B")
         print(f"model: {args.model or 'random weights'}, {read_model_config(model).describe()}")
         for name in ("b_face_small", "d_two_faces"):
@@ -71,7 +54,7 @@ def main() -> None:
                 translator, [IMAGES / f"{name}.png"], tmp / "out", paste=True, overwrite=True, progress=False,
                 echo=lambda line: None,
             )  # fmt: skip
-            seconds = median_seconds(run, args.reps)
+            seconds = medians({name: run}, args.reps)[name]
             print(f"translate --faces --paste-back, {name}: {seconds * 1000:.0f} ms per photo")
 
 

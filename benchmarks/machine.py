@@ -1,19 +1,24 @@
 """What every benchmark prints beside its figures: the CPU and its ISA, a model's FLOP count, and the machine's
-measured peak in a dtype, so that a time can be read as a fraction of what the machine can do."""
+measured peak in a dtype, so that a time can be read as a fraction of what the machine can do; and the timing and
+model helpers the benchmarks share."""
 
 from __future__ import annotations
 
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from ugatit.checkpoint import save_model
+from ugatit.config import ModelConfig
 from ugatit.devices import ieee_fp32
 from ugatit.fast.precision import ISA_CAPS
+from ugatit.models import build_generator
 
 PEAK_CONV_FLOPS = 2 * 256 * 256 * 9 * 64 * 64  # the peak's convolution: 3x3, 256 -> 256 channels, 64 x 64 output
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -78,6 +83,27 @@ def peak_int8_gops(reps: int = 5) -> float:
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     x = rng.integers(0, 256, (1, 256, 66, 66), dtype=np.uint8)
     return PEAK_CONV_FLOPS / _seconds_per_call(lambda: session.run(None, {"x": x}), reps) / 1e9
+
+
+def medians(works: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds of each work over `reps` calls after one warm-up call each, the works taking turns so that a
+    drift in the machine's speed falls on all of them alike."""
+    for work in works.values():
+        work()
+    times: dict[str, list[float]] = {name: [] for name in works}
+    for _ in range(reps):
+        for name, work in works.items():
+            start = time.perf_counter()
+            work()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
+def random_model(path: Path, config: ModelConfig) -> Path:
+    """A model file at `path` holding an A2B generator with random weights (speed does not depend on the weights)."""
+    torch.manual_seed(0)
+    save_model(path, {"genA2B": build_generator(config).state_dict()}, config)
+    return path
 
 
 def _seconds_per_call(call, reps: int) -> float:

@@ -175,9 +175,14 @@ def test_served_app_translates_and_survives_bad_requests(served, page_model, pho
     for name in ("gray.png", "rgba.png", "deep.png", "exif.jpg", "fifty.png"):
         *_, out, _ = client.predict(handle_file(str(photos / name)), "B2A", False, False, api_name="/translate")
         assert Image.open(out).size == size, name
-    # still serving after all of them, faces included
-    *_, status = client.predict(handle_file(str(photos / "good.png")), "B2A", True, True, api_name="/translate")
+    # still serving after all of them, faces included; a photo-sized result is shown as it is downloaded
+    _, translation, _, download, status = client.predict(
+        handle_file(str(photos / "good.png")), "B2A", True, True, api_name="/translate"
+    )
     assert status == "1 face(s) found; translated B2A"
+    shown, downloaded = Image.open(translation), Image.open(download)
+    assert shown.size == downloaded.size == Image.open(photos / "good.png").size
+    assert shown.tobytes() == downloaded.tobytes()
 
 
 # ---------------------------------------------------------------- a real browser

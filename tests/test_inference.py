@@ -23,6 +23,7 @@ from ugatit.checkpoint import (
     save_model,
     write_json,
 )
+from ugatit.cli import main
 from ugatit.config import ConfigError, ModelConfig, RunConfig, to_dict
 from ugatit.data import BadImageError, eval_transform, load_rgb, to_image
 from ugatit.inference import Translator, default_batch_size, plan_outputs, translate_files
@@ -249,6 +250,31 @@ def test_translate_files_never_writes_over_its_inputs(tmp_path, translator):
     write_images([tmp_path / "a.png"])
     with pytest.raises(FileExistsError, match="own input"):
         translate_files(translator, [tmp_path / "a.png"], tmp_path, progress=False, overwrite=True)
+
+
+def test_translate_files_refuses_a_file_or_folder_in_the_way(tmp_path, translator):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_images([src / "a.png", src / "b.png"])
+    (tmp_path / "a_file").write_bytes(b"keep me")
+    for where in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        with pytest.raises(FileExistsError, match=r"a_file is a file, not a folder"):
+            translate_files(translator, [src], where, progress=False, overwrite=True)
+    assert (tmp_path / "a_file").read_bytes() == b"keep me"
+    (out / "b.png").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match=r"b\.png is a folder"):
+        translate_files(translator, [src], out, progress=False, overwrite=True)
+    assert tree(out) == set() and (out / "b.png").is_dir()  # nothing written, a.png neither
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no file can be made")
+def test_cli_write_failure_is_one_line(tmp_path, checkpoint, capsys):
+    """A write the file system refuses (here: a folder that cannot be made) ends the run with the path and the
+    reason in one line, also when the files are written in the background."""
+    write_images([tmp_path / "src" / "a.png", tmp_path / "src" / "b.png"])
+    out = Path("/proc/self/ugatit_out")
+    assert main(["translate", str(checkpoint), str(tmp_path / "src"), "--out", str(out), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert error == f"ugatit: error: {out}: No such file or directory\n"
 
 
 def test_translate_files_heatmap_at_input_size(tmp_path, translator):

@@ -549,6 +549,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """The error as ugatit wrote it, or, raised by the OS, the path it refused and why (not `[Errno 21] ...`)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        path = exc.filename2 if exc.filename2 is not None else exc.filename  # a rename names its destination second
+        return f"{path}: {exc.strerror}" if path is not None else exc.strerror
+    if isinstance(exc, OSError) and exc.args:
+        return str(exc.args[0])
+    return str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -558,9 +568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return func(args) or 0
-    except USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, (FileExistsError, FileNotFoundError)) and exc.args else exc
-        print(f"ugatit: error: {message}", file=sys.stderr)
+    except (*USER_ERRORS, OSError) as exc:  # OSError: the file system's refusals (a folder in the way, no
+        # permission, a full disk), for any path a command reads or writes
+        print(f"ugatit: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ugatit: interrupted", file=sys.stderr)

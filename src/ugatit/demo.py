@@ -24,6 +24,7 @@ from .backends import load_translator
 from .checkpoint import CheckpointError, read_metadata, resolve_model, stored_networks
 from .data import BadImageError, eval_transform, load_rgb, to_image
 from .models import DIRECTIONS
+from .visualize import save_image
 
 # Photos above this are refused before decoding (a decompression bomb stays a small file); photos that pass are
 # brought down to MAX_SIDE on their longer side before anything else.
@@ -137,7 +138,7 @@ class DemoModel:
             seen = to_image(eval_transform(image, self.config.img_size, self.config.keep_aspect))
         progress(0.95, "writing the result")
         download = Path(self._downloads.name) / f"ugatit_{direction}.png"
-        translation.save(download)
+        save_image(translation, download)
         return PageResult(seen, translation, heatmap, download, f"{note}translated {direction}")
 
 
@@ -238,8 +239,11 @@ def build_app(model: DemoModel) -> Any:
             result = model.translate(photo, direction, faces, paste_back, lambda f, what: progress(f, desc=what))
         except DemoError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-        shown = (_for_display(image) for image in (result.seen, result.translation, result.heatmap))
-        return *shown, str(result.download), result.status
+        seen, translation, heatmap = (_for_display(im) for im in (result.seen, result.translation, result.heatmap))
+        # A result shown at its own size is the download's file: handing Gradio the image instead would have it
+        # compress the same pixels again, at a slower level, which takes seconds for a photo.
+        shown = str(result.download) if translation is result.translation else translation
+        return seen, shown, heatmap, str(result.download), result.status
 
     with gr.Blocks(title="ugatit demo", analytics_enabled=False) as app:
         gr.Markdown(f"## U-GAT-IT\n{model.describe()}", elem_id="model")

@@ -16,7 +16,7 @@ import glob
 import itertools
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,12 +265,19 @@ def plan_outputs(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike
 
 
 def check_outputs(outputs: Sequence[Path], sources: Sequence[Path], overwrite: bool) -> None:
-    """Refuse, before anything is written, an output that would replace an input, or an existing one unless
-    `overwrite` (FileExistsError naming it)."""
+    """Refuse, before anything is written, an output that would replace an input, one where a folder is, one whose
+    folder would have to be made where a file is, or an existing one unless `overwrite` (FileExistsError naming it)."""
     sources = {source.resolve() for source in sources}
     for path in outputs:
         if path.resolve() in sources:
             raise FileExistsError(f"{path} would overwrite its own input; choose another output folder")
+        if path.is_dir():
+            raise FileExistsError(f"{path} is a folder, where an output file would go; move it or choose another "
+                                  "output folder")  # fmt: skip
+    for folder in {path.parent for path in outputs}:
+        existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
+        if not existing.is_dir():
+            raise FileExistsError(f"{existing} is a file, not a folder; choose a folder for the outputs")
     if not overwrite:
         existing = [path for path in outputs if os.path.lexists(path)]
         if existing:
@@ -298,8 +305,8 @@ def translate_files(
 
     Raises FileNotFoundError (missing input, unmatched pattern), BadImageError (undecodable input) or
     FileExistsError (an output exists and `overwrite` is False) before anything is written. Each file is written
-    atomically; the next batch is decoded while the current one is translated. `batch_size` defaults to the
-    translator's own.
+    atomically; while a batch is translated, the next one is decoded and the previous one's files are written.
+    `batch_size` defaults to the translator's own.
     """
     batch_size = resolve_batch_size(batch_size, translator.batch_size)
     jobs = plan_outputs(inputs, out_dir, heatmap)
@@ -309,6 +316,7 @@ def translate_files(
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     with ThreadPoolExecutor(LOAD_THREADS) as pool, tqdm(total=len(jobs), unit="img", disable=not progress) as bar:
         pending = [pool.submit(load_rgb, job.source) for job in batches[0]] if batches else []
+        writing: list[Future] = []
         for index, batch in enumerate(batches):
             images = [future.result() for future in pending]
             if index + 1 < len(batches):
@@ -317,9 +325,21 @@ def translate_files(
                 results = translator.translate_with_heatmap(images, original_size, batch_size)
             else:
                 results = [(out, None) for out in translator(images, original_size, batch_size)]
-            for job, (out, overlay) in zip(batch, results, strict=True):
-                save_image(out, job.output)
-                if overlay is not None:
-                    save_image(overlay, job.heatmap)
-            bar.update(len(batch))
+            _wait(writing, bar)
+            writing = [pool.submit(_write, job, *result) for job, result in zip(batch, results, strict=True)]
+        _wait(writing, bar)
     return [job.output for job in jobs]
+
+
+def _write(job: Job, out: Image.Image, overlay: Image.Image | None) -> None:
+    save_image(out, job.output)
+    if overlay is not None:
+        save_image(overlay, job.heatmap)
+
+
+def _wait(writing: list[Future], bar: tqdm) -> None:
+    """Wait for a batch's files, written while the next batch is translated (compressing a photo-sized PNG takes
+    longer than translating it); a write that failed raises here."""
+    for future in writing:
+        future.result()
+        bar.update(1)
