@@ -1,4 +1,4 @@
-"""Everything ugatit writes to disk for a model or a run, and reads back: one atomic write for all of it.
+"""Everything ugatit writes to disk for a model or a run, and reads back, each file through `files.atomic_write`.
 
 A model file (`model.safetensors`) holds tensors keyed `<network>.<parameter>` (for example `genA2B.FC.0.weight`)
 and, in its safetensors metadata, the `ModelConfig` as JSON: loading needs nothing but the file. Files written
@@ -22,7 +22,7 @@ import os
 import random
 import shutil
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import __version__
 from .config import ConfigError, ModelConfig, model_config_from_dict, model_config_to_json
+from .files import atomic_write
 from .models import NETWORKS
 
 MODEL_FILE = "model.safetensors"
@@ -46,50 +47,6 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or a folder with the files in it, to disk."""
-    if path.is_dir():
-        for child in path.iterdir():
-            if child.is_file():
-                _fsync(child)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary path beside `path`, flush it, and rename it into place over `path`.
-
-    `write` makes a file, or a folder and its files. A process killed at any moment leaves either the old `path` or
-    the new one, never a half-written one; a folder being replaced is renamed aside until the new one is in place.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    _remove(tmp)
-    try:
-        write(tmp)
-        _fsync(tmp)
-        if tmp.is_dir() and path.exists():
-            os.rename(path, old)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    finally:
-        _remove(tmp)
-        _remove(old)
-    return path
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def sha256_of(path: str | os.PathLike) -> str:

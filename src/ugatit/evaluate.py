@@ -29,10 +29,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import atomic_write, read_model_config
+from .checkpoint import read_model_config
 from .config import check_precision, to_dict
 from .data import LOAD_THREADS, DataError, eval_transform, list_images, load_rgb, parallel_map, to_uint8
 from .devices import ieee_fp32
+from .files import atomic_write
 from .inception import FEATURE_DIM, WEIGHTS_NAME, InceptionFeatures
 from .inference import Translator, default_batch_size, translate_files
 from .metrics import fid, kid_blocks, kid_subsets, mean_kid, mmd2_unbiased

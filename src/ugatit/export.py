@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from . import __version__, fast
-from .checkpoint import atomic_write
 from .config import ModelConfig, model_config_to_json
 from .data import to_uint8
 from .extras import require
+from .files import atomic_write
 from .inference import Translator
 
 INPUT, IMAGE, HEATMAP = "input", "image", "heatmap"

@@ -26,7 +26,6 @@ from . import __version__
 from .checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
-    atomic_write,
     load_model,
     read_metadata,
     resolve_model,
@@ -35,6 +34,7 @@ from .checkpoint import (
 )  # fmt: skip
 from .config import ModelConfig, model_config_from_dict, to_dict
 from .extras import require
+from .files import atomic_write
 from .inference import Translator
 from .models import DIRECTIONS, generator_name
 

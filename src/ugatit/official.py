@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_write
+from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig
+from .files import atomic_write
 from .models import DISCRIMINATORS, NETWORKS, build_networks
 
 _SN_SUFFIXES = {

@@ -45,11 +45,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
 from .config import ModelConfig, model_config_from_dict
 from .data import BadImageError, eval_transform, list_images, load_rgb, to_uint8
 from .export import FORMAT, IMAGE, INPUT, ExportError
 from .extras import require
+from .files import atomic_write
 
 PRECISION_KEY = "precision"  # metadata key: "int8" in a quantized file, absent in an fp32 one
 QUANTIZED_OPS = ("Conv", "Pad", "Resize")

@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import (
     CONFIG_FILE,
-    atomic_write,
     fit_states,
     list_checkpoints,
     load_checkpoint,
@@ -45,6 +44,7 @@ from .checkpoint import (
 from .config import RESUMABLE, ConfigError, ModelConfig, RunConfig, split_settings, to_dict
 from .data import DataError, eval_transform, format_report, infinite_batches, load_rgb, scan_dataset
 from .devices import ieee_fp32, resolve_device
+from .files import atomic_write
 from .models import GENERATORS, NETWORKS
 from .trainer import Trainer
 from .tuning import enable_huge_pages

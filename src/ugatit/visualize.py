@@ -10,13 +10,14 @@ raw CAM maps 1xhxw or hxw at any scale; tiles and columns are float tensors in [
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from .files import atomic_write
 
 # zlib level of the PNGs written here. Pillow's default (6) spends seconds on a photo-sized result for a file about a
 # fifth smaller than level 1 makes, with the same pixels: writing would take longer than translating
@@ -119,19 +120,13 @@ def make_grid(columns: list[torch.Tensor]) -> Image.Image:
 
 
 def save_image(image: torch.Tensor | Image.Image, path: str | Path) -> None:
-    """Write ``image`` (PIL, or 3xHxW tensor in [0, 1]) to ``path`` atomically.
-
-    The file is written under a temporary name in the same directory and renamed over
-    ``path``, so a crash or a concurrent reader never sees a half-written image. The format
-    follows the extension of ``path``; PNGs are written at `PNG_LEVEL`.
+    """Write ``image`` (PIL, or 3xHxW tensor in [0, 1]) to ``path`` through `files.atomic_write`, so that a crash or
+    a concurrent reader never sees a half-written image. The format follows the extension of ``path``; PNGs are
+    written at `PNG_LEVEL`.
     """
     path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"{path}: not an image file extension that Pillow writes")
     pil = image if isinstance(image, Image.Image) else _to_pil(image)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A plain name (not mkstemp) so the file gets the usual umask-based permissions.
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        pil.save(tmp, compress_level=PNG_LEVEL)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: pil.save(tmp, format=image_format, compress_level=PNG_LEVEL))
