@@ -56,7 +56,8 @@ def _failure(path: Path, tmp: Path, exc: Exception) -> Exception:
     """The error to raise for a failed write of `path`: the OS's reason with `path` in it; a library's error on a
     full disk as the OS's ENOSPC; any other error as it is."""
     if isinstance(exc, OSError) and exc.strerror:
-        named = [Path(os.fsdecode(name)) for name in (exc.filename, exc.filename2) if name is not None]
+        names = (exc.filename, exc.filename2)
+        named = [Path(os.fsdecode(name)) for name in names if isinstance(name, (str, bytes, os.PathLike))]
         if not named or any(name == tmp or tmp in name.parents for name in named):
             return OSError(exc.errno, exc.strerror, str(path))
         return exc
