@@ -6,7 +6,8 @@
 A translation returned at a photo's size (`translate --original-size`, `--faces --paste-back`, the demo's paste-back)
 is a PNG as large as the photo: 12 megapixels for a phone's. Side by side in one run, medians of --reps, taking turns:
 
-- writing one such result as a PNG at Pillow's default zlib level (6) and at ugatit's (`visualize.PNG_LEVEL`);
+- writing one such result as a PNG at Pillow's default zlib level (6) and at ugatit's (`visualize.PNG_LEVEL`),
+  both through `files.atomic_write` as `save_image` writes it;
 - `translate_files(original_size=True)` on --photos photos, which writes a batch's files while it translates the
   next, against translating and writing each photo in turn (the same translator and PNG level);
 - with Gradio installed (`ugatit[demo]`), the demo page's round trip for a photo with a face, aligned and pasted back,
@@ -30,6 +31,7 @@ from PIL import Image
 from ugatit.backends import load_translator
 from ugatit.config import ModelConfig
 from ugatit.data import load_rgb
+from ugatit.files import atomic_write
 from ugatit.inference import translate_files
 from ugatit.visualize import PNG_LEVEL, save_image
 
@@ -96,8 +98,9 @@ def main() -> None:
         files = {level: tmp / f"level{level}.png" for level in (PILLOW_LEVEL, PNG_LEVEL)}
         writes = medians(
             {
-                f"Pillow's default (level {PILLOW_LEVEL})": lambda: result.save(files[PILLOW_LEVEL],
-                                                                                 compress_level=PILLOW_LEVEL),
+                f"Pillow's default (level {PILLOW_LEVEL})": lambda: atomic_write(
+                    files[PILLOW_LEVEL], lambda tmp: result.save(tmp, format="PNG", compress_level=PILLOW_LEVEL)
+                ),
                 f"ugatit's (level {PNG_LEVEL})": lambda: save_image(result, files[PNG_LEVEL]),
             },
             args.reps,

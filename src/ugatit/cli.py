@@ -27,10 +27,12 @@ from .inception import InceptionWeightsError
 from .quantize import CALIBRATION_IMAGES, quantize_onnx
 from .tf_checkpoint import TFCheckpointError
 
-# ImportError: an optional extra that is not installed (the message names the pip command).
+# ImportError: an optional extra that is not installed (the message names the pip command). OSError: ugatit's own
+# refusals of paths (FileExistsError, FileNotFoundError) and the file system's (a path that cannot be made, a full
+# disk), for any path a command reads or writes.
 USER_ERRORS = (
     InceptionWeightsError, CheckpointError, ConfigError, DataError, BadImageError, ExportError, DeviceError,
-    FileExistsError, FileNotFoundError, ImportError, TFCheckpointError, DemoError,
+    OSError, ImportError, TFCheckpointError, DemoError,
 )  # fmt: skip
 
 
@@ -552,10 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _one_line(exc: BaseException) -> str:
     """The error as ugatit wrote it, or, raised by the OS, the path it refused and why (not `[Errno 21] ...`)."""
     if isinstance(exc, OSError) and exc.strerror:
-        path = exc.filename2 if exc.filename2 is not None else exc.filename  # a rename names its destination second
-        return f"{path}: {exc.strerror}" if path is not None else exc.strerror
-    if isinstance(exc, OSError) and exc.args:
-        return str(exc.args[0])
+        return f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror
     return str(exc)
 
 
@@ -568,8 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return func(args) or 0
-    except (*USER_ERRORS, OSError) as exc:  # OSError: the file system's refusals (a folder in the way, no
-        # permission, a full disk), for any path a command reads or writes
+    except USER_ERRORS as exc:
         print(f"ugatit: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,5 +1,5 @@
-"""Writing files so that neither a crash nor a full disk leaves half of one: `atomic_write`, which every file ugatit
-writes goes through (checkpoints, model files, exports, images, logs).
+"""Writing files so that neither a crash nor a full disk leaves half of one: `atomic_write`, which every checkpoint,
+model file, export, image and JSON record ugatit writes goes through (the training log's lines are appended).
 
 A failed write says which file it was for. The OS's errors name the temporary file or nothing, and torch.save and
 safetensors do not raise OSError at all on a full disk (torch says "unexpected pos ..."), so a failure is raised as an

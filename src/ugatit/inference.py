@@ -275,9 +275,9 @@ def check_outputs(outputs: Sequence[Path], sources: Sequence[Path], overwrite: b
             raise FileExistsError(f"{path} is a folder, where an output file would go; move it or choose another "
                                   "output folder")  # fmt: skip
     for folder in {path.parent for path in outputs}:
-        existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
-        if not existing.is_dir():
-            raise FileExistsError(f"{existing} is a file, not a folder; choose a folder for the outputs")
+        nearest = next(p for p in (folder, *folder.parents) if os.path.lexists(p))  # what the folder is made under
+        if not nearest.is_dir():
+            raise FileExistsError(f"{nearest} is a file, not a folder; choose a folder for the outputs")
     if not overwrite:
         existing = [path for path in outputs if os.path.lexists(path)]
         if existing:
