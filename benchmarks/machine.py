@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from ugatit.checkpoint import save_model
 from ugatit.config import ModelConfig
@@ -38,6 +37,10 @@ def describe_cpu() -> str:
 
 def count_flops(fn, *args) -> int:
     """Floating-point operations of one call (a multiply-add counts 2), by PyTorch's FLOP counter."""
+    # Imported here: it brings in fake tensors (tens of MiB), which a benchmark's peak-memory child, importing this
+    # module, would otherwise count as the training step's.
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
         fn(*args)
     return counter.get_total_flops()

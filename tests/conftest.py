@@ -77,20 +77,35 @@ def two_threads():
 
 
 @pytest.fixture
-def record_gradients():
+def record_gradients(monkeypatch):
     """`record(trainer)` returns a dict that fills, at each optimizer step, with the gradients the step applies,
-    keyed "net.parameter": the trainer frees gradients right after each update."""
+    keyed "net.parameter": the trainer frees gradients right after each update. The fast path's largest
+    discriminator gradients are built only in their update (`fast.DeferredGrads.step`): recorded there, built."""
+    from ugatit import fast
 
     def record(trainer) -> dict[str, torch.Tensor]:
         grads: dict[str, torch.Tensor] = {}
         names = {p: f"{n}.{k}" for n, net in trainer.nets.items() for k, p in net.named_parameters()}
 
-        def keep(optimizer, args, kwargs):
-            for group in optimizer.param_groups:
-                grads.update({names[p]: p.grad.detach().clone() for p in group["params"] if p.grad is not None})
+        def recorded(optimizer):
+            step = optimizer.step
+
+            def step_and_record(*args, **kwargs):
+                for group in optimizer.param_groups:
+                    grads.update({names[p]: p.grad.detach().clone() for p in group["params"] if p.grad is not None})
+                return step(*args, **kwargs)
+
+            return step_and_record
 
         for optimizer in (trainer.opt_D, trainer.opt_G):
-            optimizer.register_step_pre_hook(keep)
+            monkeypatch.setattr(optimizer, "step", recorded(optimizer))
+        apply_deferred = fast.DeferredGrads.step
+
+        def apply_and_record(deferred, optimizer):
+            grads.update({names[w]: deferred.grad(w) for w in deferred.factors if w in names})
+            apply_deferred(deferred, optimizer)
+
+        monkeypatch.setattr(fast.DeferredGrads, "step", apply_and_record)
         return grads
 
     return record

@@ -13,6 +13,8 @@ import contextlib
 import copy
 import dataclasses
 import statistics
+import subprocess
+import sys
 import weakref
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ugatit import fast
-from ugatit.checkpoint import save_model
+from ugatit.checkpoint import list_checkpoints, save_model
 from ugatit.config import configs
 from ugatit.devices import ieee_fp32
 from ugatit.fast.convolution import pad_conv
@@ -30,7 +32,7 @@ from ugatit.fast.norms import instance_layer_norm_fused
 from ugatit.inference import Translator
 from ugatit.models import Discriminator, build_generator, build_networks
 from ugatit.norms import ILN
-from ugatit.synthetic import make_sample
+from ugatit.synthetic import make_sample, write_dataset
 from ugatit.trainer import Trainer
 
 MODEL, RUN = configs(img_size=64, ch=8, n_res=2, light=True, global_layers=5, local_layers=4, lr=0.0, weight_decay=0.0)
@@ -605,7 +607,7 @@ def _judged_twice(deferred: bool):
     from a fixed start: the deferred factors (or None), the gradients autograd left, and the updated weights."""
     torch.manual_seed(0)
     disc = fast.apply(Discriminator(16, 7))
-    optimizer = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.5, 0.999), weight_decay=1e-4, fused=True)
+    optimizer = fast.Adam(disc.parameters(), lr=1e-3, betas=(0.5, 0.999), weight_decay=1e-4)
     x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     for _ in range(2):  # the second update runs on Adam moments the first one left
         with fast.deferred_weight_grads() if deferred else contextlib.nullcontext() as pending:
@@ -638,26 +640,106 @@ def test_deferred_weight_gradients_are_the_ones_autograd_writes_and_update_the_s
 
 
 def test_deferred_update_block_by_block_is_adams_update_bit_for_bit():
-    """Under a fused Adam whose state exists, a deferred gradient is built and applied a block of rows at a time (a
-    fresh full-size gradient costs more in page faults than its product): the same weights, moments and step count
-    as Adam stepping on the whole gradient, over steps and with a last block shorter than the others."""
+    """Under the fast path's Adam, a deferred gradient is built and applied a block of rows at a time (a fresh
+    full-size gradient costs more in page faults than its product): the same weights, moments and step count as
+    torch's fused Adam stepping on the whole gradient, from the first step on and with a last block shorter than the
+    others."""
     torch.manual_seed(0)
     weights = [nn.Parameter(torch.randn(300, 8192) * 0.1) for _ in range(2)]
     weights[1].data.copy_(weights[0].data)
-    optimizers = [torch.optim.Adam([w], lr=1e-3, betas=(0.5, 0.999), weight_decay=1e-4, fused=True) for w in weights]
+    whole = torch.optim.Adam([weights[0]], lr=1e-3, betas=(0.5, 0.999), weight_decay=1e-4, fused=True)
+    blocks = fast.Adam([weights[1]], lr=1e-3, betas=(0.5, 0.999), weight_decay=1e-4)
     for step in range(3):
         a, b = torch.randn(10, 300) * 10.0**-step, torch.randn(10, 8192)
         weights[0].grad = a.t() @ b
-        optimizers[0].step()
+        whole.step()
         weights[0].grad = None
         pending = fast.DeferredGrads()
         pending.add(weights[1], a[:4], b[:4])  # two calls' factors
         pending.add(weights[1], a[4:], b[4:])
-        pending.step(optimizers[1])
+        pending.step(blocks)
         assert weights[1].grad is None and not pending.factors
         assert torch.equal(weights[1], weights[0]), step
-    plain, blocks = (optimizer.state[w] for optimizer, w in zip(optimizers, weights, strict=True))
-    assert all(torch.equal(blocks[key], plain[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
+    assert all(torch.equal(blocks.state[weights[1]][key], whole.state[weights[0]][key]) for key in _ADAM_STATE)
+
+
+_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _adam_pair(fused: bool = True):
+    """Two copies of the same parameters (a matrix, a vector, one left without gradients), one under torch's Adam
+    (fused or its default), one under `fast.Adam`, with the same hyperparameters."""
+    torch.manual_seed(0)
+    params = [torch.randn(40, 30), torch.randn(30), torch.randn(5)]
+    copies = [[nn.Parameter(p.clone()) for p in params] for _ in range(2)]
+    options = {"lr": 2e-3, "betas": (0.5, 0.999), "weight_decay": 1e-4}
+    return torch.optim.Adam(copies[0], fused=fused, **options), fast.Adam(copies[1], **options), copies
+
+
+def _adam_steps(optimizers, copies, steps: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, generator=generator) for p in copies[0][:2]]
+        for optimizer, params in zip(optimizers, copies, strict=True):
+            for p, g in zip(params, grads, strict=False):
+                p.grad = g.clone()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+def test_fast_adam_is_torchs_fused_adam_bit_for_bit():
+    """The fast path's Adam (which does not import the compiler) updates as torch.optim.Adam(fused=True) does, to the
+    last bit, and writes the same state_dict."""
+    torch_adam, ours, copies = _adam_pair()
+    _adam_steps((torch_adam, ours), copies, steps=4, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(*copies, strict=True))
+    theirs, mine = torch_adam.state_dict(), ours.state_dict()
+    assert mine["param_groups"] == theirs["param_groups"]
+    assert mine["state"].keys() == theirs["state"].keys() == {0, 1}  # the third parameter never had a gradient
+    for index, state in theirs["state"].items():
+        assert mine["state"][index].keys() == state.keys()
+        assert all(torch.equal(mine["state"][index][key], state[key]) for key in _ADAM_STATE)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fast_adam_and_torchs_adam_load_each_others_state(fused):
+    """A checkpoint moves between the exact path's optimizer (torch's default Adam) and the fast one either way, as
+    `--precision` may change on resume: after loading, both go on with the same moments, steps and learning rate."""
+    torch_adam, ours, copies = _adam_pair(fused)
+    _adam_steps((torch_adam, ours), copies, steps=2, seed=1)
+    torch_adam.param_groups[0]["lr"] = ours.param_groups[0]["lr"] = 1e-3  # as the decay sets it
+    saved_torch, saved_ours = copy.deepcopy(torch_adam.state_dict()), copy.deepcopy(ours.state_dict())
+    fresh_torch, fresh_ours, fresh = _adam_pair(fused)
+    for params, trained in zip(fresh, copies, strict=True):
+        for p, q in zip(params, trained, strict=True):
+            p.data.copy_(q.data)
+    fresh_ours.load_state_dict(saved_torch)  # torch's state into ours, and ours into torch's
+    fresh_torch.load_state_dict(saved_ours)
+    assert fresh_ours.param_groups[0]["lr"] == 1e-3 and fresh_torch.param_groups[0]["lr"] == 1e-3
+    for optimizers in ((torch_adam, fresh_ours), (ours, fresh_torch)):
+        params = [next(iter(o.param_groups))["params"] for o in optimizers]
+        _adam_steps(optimizers, params, steps=2, seed=2)
+        for a, b in zip(*params, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # fused and default Adam round differently
+    with pytest.raises(ValueError, match="saved for other networks"):
+        fast.Adam([nn.Parameter(torch.zeros(3))], lr=1e-3).load_state_dict(saved_torch)
+
+
+def test_fast_training_does_not_import_the_compiler(tmp_path):
+    """`ugatit train --precision fast`, a stop and a resume run without torch._dynamo (torch.optim would import it:
+    start-up time, and memory at the step's peak); the exact path's torch.optim.Adam still imports it."""
+    data = write_dataset(tmp_path / "data", size=64, n_train=2, n_test=1, seed=0)
+    code = "import sys; from ugatit.cli import main; code = main(sys.argv[1:]); print('torch._dynamo' in sys.modules)"
+    for precision, imported in (("fast", "False"), ("exact", "True")):
+        run = ["train", str(data), "--run-dir", str(tmp_path / precision), "--precision", precision, "--img-size", "64",
+               "--ch", "8", "--n-res", "1", "--light", "--global-layers", "5", "--local-layers", "4",
+               "--sample-every", "1", "--no-progress"]  # fmt: skip
+        for until in ("1", "2"):  # a new run, then a resume from its checkpoint
+            args = [*run, "--iterations", "2", "--until", until]
+            result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert result.stdout.split()[-1] == imported, (precision, until)
+        assert [step for step, _ in list_checkpoints(tmp_path / precision)][-1] == 2
 
 
 def test_deferred_gradients_report_non_finite_values_and_overflowing_products():

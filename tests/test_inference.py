@@ -331,8 +331,8 @@ def test_translate_files_batch_size_does_not_change_outputs(tmp_path, translator
 
 
 def test_translating_does_not_load_the_compiler(tmp_path):
-    """Importing dynamo costs a translation 1.2 s of start-up and 70 MB: only the discriminators' functions are
-    marked eager-under-compile, and the mark is made at their first call (`norms.eager`)."""
+    """Importing dynamo costs a translation start-up time and memory: only the discriminators' functions are marked
+    eager-under-compile, and only inside a compiled region (`norms.eager`)."""
     checkpoint = write_checkpoint(tmp_path / "model.safetensors")
     script = (
         "import sys\n"

@@ -112,13 +112,16 @@ def clip_rho(module: nn.Module) -> None:
 
 
 def eager(fn: _F) -> _F:
-    """`torch.compiler.disable(fn)`, made at the first call: marking imports dynamo, which costs a process that only
-    translates (and never calls a marked function) start-up time and memory for nothing."""
+    """`fn`, run eagerly inside a torch.compile'd region (`torch.compiler.disable`, made there at its first call) and
+    called as it is outside one: marking a function imports the compiler, which would cost every process that
+    compiles nothing start-up time and memory."""
     disabled = None
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
         nonlocal disabled
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
         if disabled is None:
             disabled = torch.compiler.disable(fn)
         return disabled(*args, **kwargs)

@@ -34,6 +34,7 @@ from .norms import clip_rho
 from .tuning import release_free_heap
 
 OTHER = {"A": "B", "B": "A"}
+Optimizer = torch.optim.Adam | fast.Adam  # the exact path's and the fast path's
 
 
 def learning_rate(run: RunConfig, step: int) -> float:
@@ -48,16 +49,18 @@ def learning_rate(run: RunConfig, step: int) -> float:
     return max(0.0, run.lr * (1.0 - (step - half) / half))
 
 
-def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+def _grads_finite(optimizer: Optimizer) -> bool:
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
 
 
-def _adam(params: Iterator[nn.Parameter], run: RunConfig) -> torch.optim.Adam:
+def _adam(params: Iterator[nn.Parameter], run: RunConfig) -> Optimizer:
     # The exact path keeps PyTorch's default implementation, whose rounding the parity fixture was made with;
-    # the fast path uses the fused kernel (one pass over all parameters, same update up to the last bits).
-    fused = {"fused": True} if run.fast else {}
-    return torch.optim.Adam(params, lr=run.lr, betas=run.betas, weight_decay=run.weight_decay, **fused)
+    # the fast path runs the fused kernel (one pass over all parameters, same update up to the last bits) through
+    # `fast.Adam`, which does not import the compiler.
+    if run.fast:
+        return fast.Adam(params, lr=run.lr, betas=run.betas, weight_decay=run.weight_decay)
+    return torch.optim.Adam(params, lr=run.lr, betas=run.betas, weight_decay=run.weight_decay)
 
 
 def _check_compiler(device: torch.device) -> None:
@@ -279,7 +282,7 @@ class Trainer:
             outputs[d] = (cycled.detach(), identity.detach(), cam.detach())
         return _by_output(outputs), {d: inputs[d].grad for d in "AB"}
 
-    def _apply(self, optimizer: torch.optim.Optimizer, name: str, deferred: fast.DeferredGrads | None = None) -> bool:
+    def _apply(self, optimizer: Optimizer, name: str, deferred: fast.DeferredGrads | None = None) -> bool:
         """Take the optimizer step unless a gradient is inf or NaN, which Adam would turn into NaN weights for good.
 
         Near-constant images (a collapsed generator output, flat backgrounds at small sizes) give channels of zero

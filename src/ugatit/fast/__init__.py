@@ -15,6 +15,7 @@ What `apply` swaps in:
   fused matrix product with the power iteration (oneDNN's inner product on a CPU), and stacked calls
   (`spectral.py`, `stacked`).
 
+`Adam` is torch's fused Adam update without `torch.optim`, which would import the compiler (`fast/adam.py`).
 `deferred_weight_grads()` leaves the discriminators' largest weight gradients as thin factors during a backward,
 for an update that builds them one at a time (`DeferredGrads.step`).
 `lean(net)` swaps in the pads alone: the same numbers to the last bit, less memory, for the exact path.
@@ -35,13 +36,14 @@ from torch.utils.checkpoint import checkpoint as _recompute
 
 from .. import tf_models
 from ..norms import EPS, ILN, AdaILN
+from .adam import Adam
 from .convolution import lean_pad, pad_conv
 from .norms import instance_layer_norm_fp32_affine, instance_layer_norm_fused, instance_norm_fused
 from .precision import autocast, memory_format, native_bf16, resolve_dtype
 from .spectral import DeferredGrads, deferred_weight_grads, is_spectral, spectral_conv, spectral_linear, stacked_calls
 
 __all__ = [
-    "DeferredGrads", "apply", "autocast", "checkpoint", "deferred_weight_grads", "exact", "is_fast", "lean",
+    "Adam", "DeferredGrads", "apply", "autocast", "checkpoint", "deferred_weight_grads", "exact", "is_fast", "lean",
     "memory_format", "native_bf16", "remove", "resolve_dtype", "stacked",
 ]  # fmt: skip
 

@@ -11,7 +11,7 @@ real and the fake batch in one call this way: one pass over the weights and one 
 `deferred_weight_grads()`: inside it, those products leave their weight gradients as the two thin factors they are
 a product of (a few rows each), and `DeferredGrads.step` builds and applies them one at a time. The weight-bound
 layers hold nearly all of a discriminator's weights, so a D update then has one of their gradients alive at a time
-instead of all of them (215 MiB per domain at ch 64). Under a fused CPU Adam with its state in place, each gradient
+instead of all of them (215 MiB per domain at ch 64). Under the fast path's Adam on a CPU, each gradient
 is built and applied a block of rows at a time instead, into one small buffer: a fresh 128 MiB gradient costs more
 in first-touch page faults than its product does.
 """
@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
-from torch.optim.adam import adam as functional_adam
 
 from ..norms import SpectralNorm, eager
+from .adam import Adam
+from .adam import update as adam_update
 from .precision import autocast_off
 
 _CALLS = contextvars.ContextVar("ugatit_fast_calls", default=1)
@@ -84,11 +85,11 @@ class DeferredGrads:
                 return False
         return True
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
+    def step(self, optimizer: torch.optim.Optimizer | Adam) -> None:
         """Update each deferred weight with `optimizer` (a per-parameter rule such as Adam), one weight at a time,
-        its gradient built just before and freed just after (or block by block: `_adam_by_blocks`); the other
-        gradients must be applied (and freed) first, since each `optimizer.step()` updates every parameter that has
-        one."""
+        its gradient built just before and freed just after; with the fast path's Adam on a CPU, built and applied a
+        block of rows at a time (`_adam_by_blocks`). The other gradients must be applied (and freed) first, since
+        each `optimizer.step()` updates every parameter that has one."""
         for weight in self.factors:
             grad_rows, rows = self._joined(weight)
             if not _adam_by_blocks(optimizer, weight, grad_rows, rows):
@@ -102,39 +103,26 @@ _BLOCK_BYTES = 2**21
 
 
 def _adam_by_blocks(
-    optimizer: torch.optim.Optimizer, weight: torch.Tensor, grad_rows: torch.Tensor, rows: torch.Tensor
+    optimizer: torch.optim.Optimizer | Adam, weight: torch.Tensor, grad_rows: torch.Tensor, rows: torch.Tensor
 ) -> bool:
     """`optimizer.step()` for `weight` alone with the gradient grad_rows^T @ rows, built and applied a block of
-    output rows at a time (torch's functional fused Adam on each block: an element-wise update, so the same numbers
-    as one step on the whole). Only for a fused Adam on a CPU whose state for `weight` exists (its first step goes
-    the plain way); False, having done nothing, otherwise."""
-    group = next((g for g in optimizer.param_groups if any(p is weight for p in g["params"])), None)
-    state = optimizer.state.get(weight, {})
-    if not (
-        type(optimizer) is torch.optim.Adam
-        and group is not None
-        and group["fused"]
-        and not (group["amsgrad"] or group["capturable"] or group["differentiable"])
-        and not isinstance(group["lr"], torch.Tensor)
-        and "step" in state
-        and weight.device.type == "cpu"
-        and all(t.is_contiguous() for t in (weight, state["exp_avg"], state["exp_avg_sq"]))
-    ):
+    output rows at a time into one small buffer (Adam is element-wise: the same numbers as one step on the whole).
+    Only for the fast path's Adam on a CPU, over contiguous tensors; False, having done nothing, otherwise."""
+    if not (isinstance(optimizer, Adam) and weight.device.type == "cpu" and weight.is_contiguous()):
         return False
+    state = optimizer.moments(weight)
+    if not (state["exp_avg"].is_contiguous() and state["exp_avg_sq"].is_contiguous()):
+        return False
+    state["step"].add_(1)  # once: every block steps from the same count
     flat, exp_avg, exp_avg_sq = (t.detach().flatten(1) for t in (weight, state["exp_avg"], state["exp_avg_sq"]))
     block = max(1, _BLOCK_BYTES // flat[0].nbytes)
     grad = flat.new_empty(min(block, len(flat)), flat.shape[1])
-    step = state["step"]
+    group = optimizer.group_of(weight)
     for start in range(0, len(flat), block):
         part = slice(start, start + block)
-        functional_adam(
-            [flat[part]], [torch.mm(grad_rows[:, part].t(), rows, out=grad[: len(flat[part])])],
-            [exp_avg[part]], [exp_avg_sq[part]], [], [step.clone()],  # each block steps from the same count
-            fused=True, amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-            **({"decoupled_weight_decay": True} if group.get("decoupled_weight_decay") else {}),  # newer torch only
-        )  # fmt: skip
-    step.add_(1)
+        block_grad = torch.mm(grad_rows[:, part].t(), rows, out=grad[: len(flat[part])])
+        block_state = {"step": state["step"], "exp_avg": exp_avg[part], "exp_avg_sq": exp_avg_sq[part]}
+        adam_update([flat[part]], [block_grad], [block_state], group, step=False)
     return True
 
 
