@@ -59,6 +59,35 @@ def test_resume_is_exact(dataset, tmp_path):
     assert logged == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("first", ["fast", "exact"])
+def test_resuming_with_the_other_precision_keeps_each_paths_adam(dataset, tmp_path, first):
+    """`--precision` may change on resume: the run goes on from the saved moments and step counts with its own path's
+    Adam (torch's default one for exact, whose rounding the parity fixture was made with; the fused kernel for fast),
+    not with the one that saved them, and the exact one counts its steps on the CPU."""
+    second = "exact" if first == "fast" else "fast"
+    model, run = configs(**TINY, iterations=2, save_every=1, sample_every=100, precision=first)
+    train(model, run, dataset, tmp_path, until=1, progress=False)
+    saved = torch.load(list_checkpoints(tmp_path)[-1][1] / "state.pt", weights_only=True)["opt_G"]
+    resumed = dataclasses.replace(run, precision=second)
+    train(model, resumed, dataset, tmp_path, progress=False)  # the resumed run itself
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [1, 2]
+
+    trainer = Trainer(model, resumed)  # what that run loaded from step 1
+    load_checkpoint(trainer, list_checkpoints(tmp_path)[0][1])
+    optimizer = trainer.opt_G
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert {params[index] for index in saved["state"]} == optimizer.state.keys()
+    for index, moments in saved["state"].items():
+        state = optimizer.state[params[index]]
+        assert all(torch.equal(state[key], moments[key]) for key in ("exp_avg", "exp_avg_sq"))
+        assert state["step"].item() == 1.0 and state["step"].device.type == "cpu"
+    if second == "exact":
+        assert type(optimizer) is torch.optim.Adam
+        assert not optimizer.param_groups[0]["fused"] and not optimizer.param_groups[0]["capturable"]
+    else:
+        assert optimizer.state_dict()["param_groups"][0]["fused"]  # the fast path's own Adam, fused
+
+
 def test_resume_with_data_workers_is_exact(dataset, tmp_path):
     model, run = configs(**{**TINY, "num_workers": 2}, iterations=4, save_every=100, sample_every=100)
     train(model, run, dataset, tmp_path / "one", progress=False)

@@ -277,8 +277,7 @@ def load_checkpoint(trainer: Any, checkpoint: str | os.PathLike, rank: int = 0) 
         state = torch.load(checkpoint / STATE_FILE, map_location=trainer.device, weights_only=True)
     except Exception as exc:  # a damaged file: say which and stop, rather than train from a wrong state
         raise CheckpointError(f"{checkpoint / STATE_FILE}: unreadable training state ({exc})") from None
-    trainer.opt_G.load_state_dict(state["opt_G"])
-    trainer.opt_D.load_state_dict(state["opt_D"])
+    trainer.load_optimizers(state)
     trainer.step = state["step"]
     set_rng_state(state["rng"][rank % len(state["rng"])], trainer.device)
     return state

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,6 +62,27 @@ def _adam(params: Iterator[nn.Parameter], run: RunConfig) -> Optimizer:
     if run.fast:
         return fast.Adam(params, lr=run.lr, betas=run.betas, weight_decay=run.weight_decay)
     return torch.optim.Adam(params, lr=run.lr, betas=run.betas, weight_decay=run.weight_decay)
+
+
+# How torch.optim computes, as opposed to what it remembers: each path keeps its own when it loads a saved state.
+_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _load_optimizer(optimizer: Optimizer, saved: dict[str, Any]) -> None:
+    """Load a saved optimizer state (moments, step counts, hyperparameters) into `optimizer`, which keeps its own
+    implementation. torch.optim would adopt the saved groups' flags, so an exact run resumed from a fast checkpoint
+    (`--precision` may change on resume) would step with the fast path's fused Adam; and its default Adam counts steps
+    on the CPU (a GPU checkpoint holds them on the GPU, which costs that Adam a sync per parameter and step)."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        groups = [
+            {**group, **{key: own[key] for key in _IMPLEMENTATION if key in own}}
+            for group, own in zip(saved["param_groups"], optimizer.param_groups, strict=False)  # torch checks counts
+        ]
+        state = saved["state"]
+        if not any(group.get("fused") or group.get("capturable") for group in optimizer.param_groups):
+            state = {key: {**entry, "step": torch.as_tensor(entry["step"]).cpu()} for key, entry in state.items()}
+        saved = {**saved, "param_groups": groups, "state": state}
+    optimizer.load_state_dict(saved)
 
 
 def _check_compiler(device: torch.device) -> None:
@@ -158,6 +180,12 @@ class Trainer:
             if distributed
             else self.nets
         )
+
+    def load_optimizers(self, saved: dict[str, Any]) -> None:
+        """Load the optimizers' states saved under "opt_G" and "opt_D" (a checkpoint's), each optimizer keeping
+        its own implementation (`_load_optimizer`)."""
+        _load_optimizer(self.opt_G, saved["opt_G"])
+        _load_optimizer(self.opt_D, saved["opt_D"])
 
     def autocast(self) -> torch.autocast:
         """Autocast to the run's compute dtype (a no-op in fp32); losses, norm statistics, spectral norms stay fp32."""
