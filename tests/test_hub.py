@@ -23,7 +23,10 @@ TINY = ModelConfig(img_size=32, ch=4, n_res=1, light=True, global_layers=4, loca
 FULL = ModelConfig(img_size=16, ch=2, n_res=1, light=False, global_layers=3, local_layers=3)
 LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy"
 LEGACY_MODEL = ModelConfig(img_size=32, ch=4, n_res=1, light=True, global_layers=4, local_layers=3, keep_aspect=True)
-EXACT = 1e-6  # the current code against the outputs the code before the split computed from the same weights
+# The current code against the outputs the code before the split computed from the same weights: within 1e-6 on the
+# CPU kind the fixtures were made on; CPUs whose kernels sum in another order round differently (an AVX2 AMD EPYC:
+# up to 1.04e-6 on these outputs, whose scale is about 1).
+ROUNDING = 1e-5
 INFO = {"data": "datasets/horse2zebra (trainA, trainB)", "hardware": "1x CPU"}
 METRICS = {"kid_A2B": 0.0123456, "note": "a|b"}
 
@@ -229,7 +232,7 @@ def test_legacy_hub_folder_loads():
                 computed = translator.generator(x)
             for name, value in zip(("image", "cam_logit", "heatmap"), computed, strict=True):
                 expected = torch.from_numpy(outputs[f"model_{direction}_{name}"])
-                assert value.shape == expected.shape and (value - expected).abs().max().item() <= EXACT
+                assert value.shape == expected.shape and (value - expected).abs().max().item() <= ROUNDING
 
 
 def test_legacy_hub_folder_saves_again_in_the_current_form(tmp_path):

@@ -35,7 +35,10 @@ from ugatit.trainer import Trainer
 TINY = {"img_size": 32, "ch": 4, "n_res": 1, "light": True, "global_layers": 4, "local_layers": 3}
 LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy"
 LEGACY_DATASET = {"size": 32, "n_train": 4, "n_test": 2, "seed": 0}  # as make_fixtures.py wrote it
-EXACT = 1e-6  # the current code against the outputs the code before the split computed from the same weights
+# The current code against the outputs the code before the split computed from the same weights: within 1e-6 on the
+# CPU kind the fixtures were made on; CPUs whose kernels sum in another order round differently (an AVX2 AMD EPYC:
+# up to 1.04e-6 on these outputs, whose scale is about 1).
+ROUNDING = 1e-5
 
 
 def random_image(width: int, height: int, seed: int) -> Image.Image:
@@ -401,14 +404,22 @@ def legacy_outputs() -> dict[str, torch.Tensor]:
         return {key: torch.from_numpy(stored[key]) for key in stored.files}
 
 
-def assert_stored_outputs(translator: Translator, outputs: dict[str, torch.Tensor], key: str) -> None:
-    """The translator's generator gives, on the stored input, what the old code's gave (image, CAM logit, heatmap)."""
+def stored_output_error(translator: Translator, outputs: dict[str, torch.Tensor], key: str) -> float:
+    """How far the translator's generator lands, on the stored input, from what the old code's gave (image, CAM
+    logit, heatmap): the largest absolute difference."""
     with torch.no_grad():
         computed = translator.generator(outputs["input"])
+    errors = []
     for name, value in zip(("image", "cam_logit", "heatmap"), computed, strict=True):
         expected = outputs[f"{key}_{translator.direction}_{name}"]
-        assert value.shape == expected.shape
-        assert (value - expected).abs().max().item() <= EXACT, (key, translator.direction, name)
+        assert value.shape == expected.shape, (key, translator.direction, name)
+        errors.append((value - expected).abs().max().item())
+    return max(errors)
+
+
+def assert_stored_outputs(translator: Translator, outputs: dict[str, torch.Tensor], key: str) -> None:
+    """The translator's generator gives, on the stored input, what the old code's gave, to rounding."""
+    assert stored_output_error(translator, outputs, key) <= ROUNDING, (key, translator.direction)
 
 
 def test_legacy_model_file_loads(legacy_outputs):
@@ -449,6 +460,11 @@ def test_legacy_run_folder_resumes(tmp_path, legacy_outputs, two_threads):
     with pytest.raises(ConfigError, match="lr"):
         resolve_configs(run_dir, {"lr": 1e-3})
 
+    # Whether this CPU computes the old code's step-2 outputs to the bit, as the fixtures' own CPU kind does.
+    same_rounding = all(
+        stored_output_error(Translator.from_checkpoint(run_dir, direction), legacy_outputs, "run_step2") == 0.0
+        for direction in ("A2B", "B2A")
+    )
     messages = []
     trainer = train(model, run, data, run_dir, device="cpu", progress=False, echo=messages.append)
     assert trainer.step == 3 and any("from step 2" in message for message in messages)
@@ -459,4 +475,9 @@ def test_legacy_run_folder_resumes(tmp_path, legacy_outputs, two_threads):
     for direction in ("A2B", "B2A"):
         translator = Translator.from_checkpoint(run_dir, direction)
         assert translator.source.endswith("latest checkpoint step_0000003")
-        assert_stored_outputs(translator, legacy_outputs, "run_step3")
+        # Adam's first steps turn gradients that differ at rounding level into weights that differ by about lr
+        # (tests/test_parity.py): where this CPU rounds as the fixtures' did, the resumed step matches to rounding;
+        # elsewhere only to what those flips allow (an AVX2 AMD EPYC: up to 6.3e-3), which a resume that drops
+        # Adam's moments exceeds (2.0e-2 there).
+        tolerance = ROUNDING if same_rounding else 1e-2
+        assert stored_output_error(translator, legacy_outputs, "run_step3") <= tolerance, direction
