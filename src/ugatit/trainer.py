@@ -323,7 +323,7 @@ class Trainer:
         else:
             self.skipped[name] += 1
         # Freed now rather than at the next update: the discriminators' gradients alone are large at ch 64.
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         if applied and deferred is not None:
             deferred.step(optimizer)  # after the others are freed: one of these alive at a time
         return applied

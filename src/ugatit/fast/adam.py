@@ -64,13 +64,11 @@ class Adam:
     def group_of(self, param: nn.Parameter) -> dict[str, Any]:
         return next(group for group in self.param_groups if any(p is param for p in group["params"]))
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self) -> None:
+        """Drop every gradient (torch.optim's default, set_to_none=True)."""
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and not set_to_none:
-                    p.grad.zero_()
-                else:
-                    p.grad = None
+                p.grad = None
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.Adam(fused=True)'s layout: parameters numbered in group order, state keyed by number."""
