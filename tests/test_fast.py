@@ -28,7 +28,7 @@ from ugatit.checkpoint import list_checkpoints, save_model
 from ugatit.config import configs
 from ugatit.devices import ieee_fp32
 from ugatit.fast.convolution import pad_conv
-from ugatit.fast.norms import instance_layer_norm_fused
+from ugatit.fast.norms import Rectified, instance_layer_norm_fused
 from ugatit.inference import Translator
 from ugatit.models import Discriminator, build_generator, build_networks
 from ugatit.norms import ILN
@@ -723,6 +723,56 @@ def test_fast_adam_and_torchs_adam_load_each_others_state(fused):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # fused and default Adam round differently
     with pytest.raises(ValueError, match="saved for other networks"):
         fast.Adam([nn.Parameter(torch.zeros(3))], lr=1e-3).load_state_dict(saved_torch)
+
+
+def test_fast_adam_loads_moments_saved_in_the_other_memory_layout():
+    """A checkpoint's moments saved beside contiguous weights go on with the same update for channels-last ones
+    (and back): another dtype or device may change the weights' layout on resume, and the fused kernel pairs
+    moments with weights by memory offset."""
+    torch.manual_seed(0)
+    weight = torch.randn(8, 6, 3, 3)
+    grads = [torch.randn(8, 6, 3, 3) for _ in range(3)]
+    layouts = (torch.contiguous_format, torch.channels_last)
+    for saved_layout, loaded_layout in (layouts, layouts[::-1]):
+        trained = nn.Parameter(weight.clone().contiguous(memory_format=saved_layout))
+        optimizer = fast.Adam([trained], lr=0.1, betas=(0.5, 0.999))
+        for g in grads[:2]:
+            trained.grad = g.contiguous(memory_format=saved_layout)
+            optimizer.step()
+        saved = copy.deepcopy(optimizer.state_dict())
+        resumed = nn.Parameter(trained.detach().clone().contiguous(memory_format=loaded_layout))
+        reloaded = fast.Adam([resumed], lr=0.1, betas=(0.5, 0.999))
+        reloaded.load_state_dict(saved)
+        # Each gradient in its weight's layout, as autograd makes them.
+        trained.grad = grads[2].contiguous(memory_format=saved_layout)
+        resumed.grad = grads[2].contiguous(memory_format=loaded_layout)
+        optimizer.step(), reloaded.step()
+        torch.testing.assert_close(resumed.detach(), trained.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_gradient_checkpointing_takes_the_same_step_keeping_only_block_boundaries(record_gradients, precision):
+    """`--grad-checkpoint` recomputes the generators' blocks in the backward: the same step to the bit, in either
+    precision (fp32). A boundary it keeps whole keeps nothing else: the rectified map entering the first residual
+    block, which a fused norm made, carries no recipe there (the recipe holds the norm's input, a second map)."""
+    steps, recipes = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        run = dataclasses.replace(RUN, precision=precision, fast_dtype="float32", grad_checkpoint=recompute)
+        trainer = Trainer(MODEL, run)
+        block = next(m for m in trainer.nets["genA2B"].DownBlock if next(m.children(), None) is not None)
+        entering = []
+        block.register_forward_pre_hook(lambda _, args, seen=entering: seen.append(Rectified.of(args[0])))
+        grads = record_gradients(trainer)
+        generator = torch.Generator().manual_seed(1)
+        terms = trainer.train_step(*(torch.rand(2, 3, 64, 64, generator=generator) * 2 - 1 for _ in range(2)))
+        steps.append((terms, grads))
+        recipes.append(any(recipe is not None for recipe in entering))
+    (plain_terms, plain_grads), (recomputed_terms, recomputed_grads) = steps
+    assert recomputed_terms == plain_terms
+    assert plain_grads.keys() == recomputed_grads.keys() and plain_grads
+    assert all(torch.equal(plain_grads[key], recomputed_grads[key]) for key in plain_grads)
+    assert recipes == ([True, False] if precision == "fast" else [False, False])
 
 
 def test_fast_training_does_not_import_the_compiler(tmp_path):

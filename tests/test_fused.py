@@ -241,6 +241,26 @@ EXACT_NORMS = {
 
 
 @pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("rectify", [False, True], ids=["norm", "norm+relu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_every_norm_on_the_device_generic_path(monkeypatch, norm, rectify, channels_last):
+    """What CUDA runs for each norm (the device-generic formulation, exercised on the CPU), alone and with the ReLU
+    taken in, against the exact norm: output and every gradient, fp32."""
+    monkeypatch.setattr(fast_norms, "GENERIC_ON_CPU", True)
+    x, rho, gamma, beta, grad = make_inputs((3, 16, 12, 20), True, channels_last)
+    relu = F.relu if rectify else (lambda t: t)
+    fused = run(lambda *t: NORMS[norm](*t, rectify=rectify), x, rho, gamma, beta, grad)
+    exact = run(lambda *t: relu(EXACT_NORMS[norm](*t)), x, rho, gamma, beta, grad)
+    for name, f, e in zip(["out", "x.grad", "rho.grad", "gamma.grad", "beta.grad"], fused, exact, strict=True):
+        if e is None:  # IN has no parameters
+            assert f is None, name
+        elif name == "rho.grad":
+            assert ((f - e).abs() <= 1e-5 * rho_grad_scale(x, rho, gamma, grad)).all(), name
+        else:
+            assert max_scaled_error(f, e) < 1e-5, (name, max_scaled_error(f, e))
+
+
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-11)], ids=["fp32", "fp64"])
 def test_rectified_norms_are_the_norm_then_a_relu(norm, channels_last, dtype, tolerance):
@@ -264,6 +284,29 @@ def test_rectified_norms_are_the_norm_then_a_relu(norm, channels_last, dtype, to
     assert torch.equal(fast_norms.Rectified.of(out).recompute(), out)
     with torch.no_grad():  # unrecorded, the ReLU runs in place on the norm's usual output
         assert max_scaled_error(NORMS[norm](x, rho, gamma, beta, rectify=True), exact[0]) < tolerance
+
+
+def test_a_rectified_output_changed_in_place_is_convolved_as_it_is_now():
+    """A convolution after a rectified norm keeps the norm's recipe instead of its output, unless that output was
+    changed in place since: the recipe would remake the old values, and the weight's gradient would be wrong."""
+    from torch import nn
+
+    from ugatit.fast.convolution import pad_conv
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 10, 10, dtype=torch.float64)
+    conv, pad = nn.Conv2d(8, 4, 3, bias=False).double(), nn.ReflectionPad2d(1)
+    grads = []
+    for fast in (True, False):
+        leaf = x.clone().requires_grad_()
+        if fast:
+            out = instance_norm_fused(leaf, rectify=True).mul_(2.0)
+        else:  # out of place: the ReLU's backward needs its output
+            out = F.relu(F.instance_norm(leaf, eps=1e-5)).mul(2.0)
+        y = pad_conv(conv, pad, None, out) if fast else conv(pad(out))
+        grads.append(torch.autograd.grad(y.square().sum(), (leaf, conv.weight)))
+    for ours, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("norm", NORMS)

@@ -88,6 +88,19 @@ def test_resuming_with_the_other_precision_keeps_each_paths_adam(dataset, tmp_pa
         assert optimizer.state_dict()["param_groups"][0]["fused"]  # the fast path's own Adam, fused
 
 
+def test_a_checkpoint_keeps_the_count_of_skipped_updates(tmp_path):
+    """The updates left out for non-finite gradients (the progress bar's "skipped") count on across a resume."""
+    from ugatit.checkpoint import rng_state, save_checkpoint
+
+    model, run = configs(**TINY)
+    trainer = Trainer(model, run)
+    trainer.skipped = {"D": 3, "G": 1}
+    folder = save_checkpoint(trainer, tmp_path, {"rng": [rng_state(trainer.device)]})
+    resumed = Trainer(model, run)
+    load_checkpoint(resumed, folder)
+    assert resumed.skipped == {"D": 3, "G": 1}
+
+
 def test_resume_with_data_workers_is_exact(dataset, tmp_path):
     model, run = configs(**{**TINY, "num_workers": 2}, iterations=4, save_every=100, sample_every=100)
     train(model, run, dataset, tmp_path / "one", progress=False)

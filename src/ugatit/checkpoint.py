@@ -262,7 +262,8 @@ def save_checkpoint(trainer: Any, run_dir: str | os.PathLike, extra: dict[str, A
         folder.mkdir()
         states = {net_name: net.state_dict() for net_name, net in trainer.nets.items()}
         save_model(folder / MODEL_FILE, states, trainer.model, step=str(trainer.step))
-        state = {"step": trainer.step, "opt_G": trainer.opt_G.state_dict(), "opt_D": trainer.opt_D.state_dict()}
+        state = {"step": trainer.step, "skipped": dict(trainer.skipped), "opt_G": trainer.opt_G.state_dict(),
+                 "opt_D": trainer.opt_D.state_dict()}  # fmt: skip
         torch.save({**state, **extra}, folder / STATE_FILE)
 
     return atomic_write(final, write)
@@ -274,11 +275,13 @@ def load_checkpoint(trainer: Any, checkpoint: str | os.PathLike, rank: int = 0) 
     _, states = load_model(checkpoint, list(trainer.nets))
     fit_states(trainer.nets, states, checkpoint)
     try:
-        state = torch.load(checkpoint / STATE_FILE, map_location=trainer.device, weights_only=True)
+        # Loaded on the CPU: the RNG states must stay there, and each optimizer moves its moments to its parameters.
+        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged file: say which and stop, rather than train from a wrong state
         raise CheckpointError(f"{checkpoint / STATE_FILE}: unreadable training state ({exc})") from None
     trainer.load_optimizers(state)
     trainer.step = state["step"]
+    trainer.skipped = dict(state.get("skipped", trainer.skipped))  # absent from checkpoints written before it was
     set_rng_state(state["rng"][rank % len(state["rng"])], trainer.device)
     return state
 

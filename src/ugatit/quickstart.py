@@ -110,8 +110,9 @@ def quickstart(
 ) -> dict[str, Any]:
     """Run the quickstart in `out`; returns the scores (input / untrained / trained) and the timings.
 
-    It runs on one CPU thread: the cpu-small model is too small to gain from a second one (a sweep measured 1 thread
-    faster on an idle 2-core machine), and OpenMP threads slow down badly when other jobs share the cores.
+    It runs on one CPU thread: the cpu-small model is too small to gain from a second one (one thread was the
+    faster in a sweep on an idle 2-core machine), and OpenMP threads slow down badly when other jobs share the
+    cores.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

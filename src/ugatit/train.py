@@ -174,11 +174,13 @@ def sample_grids(trainer: Trainer, images: dict[str, torch.Tensor]) -> dict[str,
         ("B2A", images["B"], nets["genB2A"], nets["genA2B"]),
     ):
         forward.eval(), backward.eval()
-        x = x.to(trainer.device)
-        identity, _, identity_heat = backward(x)
-        fake, _, fake_heat = forward(x)
-        cycle, _, cycle_heat = backward(fake)
-        forward.train(), backward.train()
+        try:
+            x = x.to(trainer.device)
+            identity, _, identity_heat = backward(x)
+            fake, _, fake_heat = forward(x)
+            cycle, _, cycle_heat = backward(fake)
+        finally:  # training goes on in train mode even after a failed sample
+            forward.train(), backward.train()
         tiles = (x, identity, identity_heat, fake, fake_heat, cycle, cycle_heat)
         grids[name] = make_grid([sample_column(*(t[i].float().cpu() for t in tiles)) for i in range(x.shape[0])])
     return grids
@@ -434,7 +436,7 @@ def _loop(run: Run, last: int, progress: bool) -> bool:
     trainer, cfg, info, dev = run.trainer, run.run, run.info, run.trainer.device
     bar = tqdm(total=last, initial=trainer.step, disable=not (progress and run.main), unit="step", dynamic_ncols=True)
     run.started = time.time()  # the log's "time": seconds since the loop (re)started
-    with open(run.folder / LOG_FILE, "a") if run.main else open(os.devnull, "w") as log, _StopRequest() as stop:
+    with open(run.folder / LOG_FILE, "a") if run.main else open(os.devnull, "w") as log, _StopRequest() as stop, bar:
         while trainer.step < last and not distributed.any_rank(info, stop.requested, dev):
             waiting = time.perf_counter()
             try:
@@ -456,7 +458,7 @@ def _loop(run: Run, last: int, progress: bool) -> bool:
                 run.evaluate(log)
             if step % cfg.save_every == 0:
                 run.checkpoint()
-        bar.close()
+        bar.close()  # before the last samples and checkpoint, which print; the block closes it after an error too
         if trainer.step > run.start_step:
             if trainer.step == last and trainer.step % cfg.sample_every != 0:
                 run.write_samples()
@@ -490,6 +492,7 @@ def train(
     """
     enable_huge_pages()
     info, dev = distributed.setup(resolve_device(device))
+    state = None
     try:
         state = _start(model, run, Path(data_root), Path(run_dir), info, dev, overwrite, skip_bad_images, echo)
         if init_from is not None and state.trainer.step == 0:
@@ -497,12 +500,12 @@ def train(
         _open_data(state, model, inception_weights)
         last = min(run.iterations, until) if until is not None else run.iterations
         stopped = _loop(state, last, progress)
-        if state.writer:
-            state.writer.close()
         if stopped and state.trainer.step < last:
             state.echo(f"stopped at step {state.trainer.step}; checkpoint saved, run the same command again to resume")
         return state.trainer
     finally:
+        if state is not None and state.writer:  # what TensorBoard has buffered is written even after an error
+            state.writer.close()
         distributed.teardown(info)
 
 

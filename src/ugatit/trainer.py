@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,8 +52,10 @@ def learning_rate(run: RunConfig, step: int) -> float:
 
 
 def _grads_finite(optimizer: Optimizer) -> bool:
+    """Whether every gradient entry is finite: by the largest magnitude, which is NaN or inf only if an entry is
+    (a 2-norm overflows for finite entries above about 1e19)."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
+    return bool(torch.stack(torch._foreach_norm(grads, math.inf)).isfinite().all()) if grads else True
 
 
 def _adam(params: Iterator[nn.Parameter], run: RunConfig) -> Optimizer:
@@ -71,17 +74,15 @@ _IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
 def _load_optimizer(optimizer: Optimizer, saved: dict[str, Any]) -> None:
     """Load a saved optimizer state (moments, step counts, hyperparameters) into `optimizer`, which keeps its own
     implementation. torch.optim would adopt the saved groups' flags, so an exact run resumed from a fast checkpoint
-    (`--precision` may change on resume) would step with the fast path's fused Adam; and its default Adam counts steps
-    on the CPU (a GPU checkpoint holds them on the GPU, which costs that Adam a sync per parameter and step)."""
+    (`--precision` may change on resume) would step with the fast path's fused Adam. The state comes on the CPU
+    (`load_checkpoint`), where the default Adam keeps its step counts: on a GPU they would cost it a sync per
+    parameter and step."""
     if isinstance(optimizer, torch.optim.Optimizer):
         groups = [
             {**group, **{key: own[key] for key in _IMPLEMENTATION if key in own}}
             for group, own in zip(saved["param_groups"], optimizer.param_groups, strict=False)  # torch checks counts
         ]
-        state = saved["state"]
-        if not any(group.get("fused") or group.get("capturable") for group in optimizer.param_groups):
-            state = {key: {**entry, "step": torch.as_tensor(entry["step"]).cpu()} for key, entry in state.items()}
-        saved = {**saved, "param_groups": groups, "state": state}
+        saved = {**saved, "param_groups": groups}
     optimizer.load_state_dict(saved)
 
 

@@ -38,7 +38,7 @@ from .. import tf_models
 from ..norms import EPS, ILN, AdaILN
 from .adam import Adam
 from .convolution import lean_pad, pad_conv
-from .norms import instance_layer_norm_fp32_affine, instance_layer_norm_fused, instance_norm_fused
+from .norms import Rectified, instance_layer_norm_fp32_affine, instance_layer_norm_fused, instance_norm_fused
 from .precision import autocast, memory_format, native_bf16, resolve_dtype
 from .spectral import DeferredGrads, deferred_weight_grads, is_spectral, spectral_conv, spectral_linear, stacked_calls
 
@@ -192,14 +192,14 @@ def _run_recomputed(segments: list[nn.Module], forward: Callable, x: torch.Tenso
     if not torch.is_grad_enabled():
         return forward(x)
     for segment in segments:  # segments never start with an in-place op, which would change their stored input
-        x = _recompute(segment, x, use_reentrant=False)
+        x = Rectified.forget(_recompute(segment, x, use_reentrant=False))
     return x
 
 
 def _run_block_recomputed(forward: Callable, *args: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return forward(*args)
-    return _recompute(forward, *args, use_reentrant=False)
+    return Rectified.forget(_recompute(forward, *args, use_reentrant=False))
 
 
 def checkpoint(generator: nn.Module) -> nn.Module:

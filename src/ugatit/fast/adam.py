@@ -44,7 +44,7 @@ class Adam:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Update every parameter that has a gradient."""
+        """Update every parameter that has a gradient (the trainer drops those it updates elsewhere)."""
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             states = [self.moments(p) for p in params]
@@ -62,6 +62,7 @@ class Adam:
         return state
 
     def group_of(self, param: nn.Parameter) -> dict[str, Any]:
+        """The hyperparameters `param` updates with (for updates made outside `step`)."""
         return next(group for group in self.param_groups if any(p is param for p in group["params"]))
 
     def zero_grad(self) -> None:
@@ -104,7 +105,9 @@ class Adam:
         for key, state in state_dict["state"].items():
             p = params[key]
             step = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
-            moments = {name: state[name].to(dtype=p.dtype, device=p.device) for name in ("exp_avg", "exp_avg_sq")}
+            # In p's own layout: the fused kernel pairs elements by memory offset, and a checkpoint may come from a
+            # run whose weights had the other one (channels_last or not: another dtype or device).
+            moments = {name: torch.empty_like(p).copy_(state[name]) for name in ("exp_avg", "exp_avg_sq")}
             self.state[p] = {"step": step, **moments}
         for group, saved_group in zip(self.param_groups, saved_groups, strict=True):
             group.update({key: saved_group[key] for key in _HYPERPARAMETERS})

@@ -206,8 +206,17 @@ class Rectified:
 
     @staticmethod
     def of(t: torch.Tensor) -> Rectified | None:
-        """The recipe of `t`, if `t` is a rectified output made while autograd was recording, else None."""
-        return getattr(t, _RECIPE, None)
+        """The recipe of `t`, if `t` is a rectified output made while autograd was recording and not changed in
+        place since (the recipe would make its old values), else None."""
+        recipe, version = getattr(t, _RECIPE, (None, None))
+        return recipe if version == t._version else None
+
+    @staticmethod
+    def forget(t: torch.Tensor) -> torch.Tensor:
+        """`t` without its recipe, which holds the norm's input: where `t` itself is kept whole (a boundary of
+        gradient checkpointing), the recipe would keep a second map alive for nothing."""
+        vars(t).pop(_RECIPE, None)
+        return t
 
 
 def _normalized(function: type[torch.autograd.Function], x: torch.Tensor, *args, rectify: bool) -> torch.Tensor:
@@ -221,7 +230,7 @@ def _normalized(function: type[torch.autograd.Function], x: torch.Tensor, *args,
             return out.relu_() if rectify else out
         out, scale, shift = function.apply(x, *args, True)
     if not torch.compiler.is_compiling():
-        setattr(out, _RECIPE, Rectified(x.detach(), scale, shift))
+        setattr(out, _RECIPE, (Rectified(x.detach(), scale, shift), out._version))
     return out
 
 
@@ -391,12 +400,7 @@ def instance_norm_fused(x: torch.Tensor, eps: float = EPS, rectify: bool = False
 
     Keeps x's dtype and memory layout (NCHW or channels_last); statistics in fp32 for bf16/fp16 inputs.
     """
-    if (
-        x.dim() != 4
-        or not x.dtype.is_floating_point
-        or x.device.type != "cpu"
-        or (x.dtype in _REDUCED and x.is_contiguous())
-    ):
+    if x.dim() != 4 or not x.dtype.is_floating_point or (x.dtype in _REDUCED and x.is_contiguous()):
         out = F.instance_norm(x, eps=eps)
         return F.relu(out) if rectify else out
     return _normalized(_InstanceNorm, x, eps, rectify=rectify)

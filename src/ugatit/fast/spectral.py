@@ -11,9 +11,9 @@ real and the fake batch in one call this way: one pass over the weights and one 
 `deferred_weight_grads()`: inside it, those products leave their weight gradients as the two thin factors they are
 a product of (a few rows each), and `DeferredGrads.step` builds and applies them one at a time. The weight-bound
 layers hold nearly all of a discriminator's weights, so a D update then has one of their gradients alive at a time
-instead of all of them (215 MiB per domain at ch 64). Under the fast path's Adam on a CPU, each gradient
-is built and applied a block of rows at a time instead, into one small buffer: a fresh 128 MiB gradient costs more
-in first-touch page faults than its product does.
+instead of all of them (docs/performance.md has the sizes). Under the fast path's Adam on a CPU, each gradient
+is built and applied a block of rows at a time instead, into one small buffer: a fresh gradient of the largest
+layer's size costs more in first-touch page faults than its product does.
 """
 
 from __future__ import annotations
