@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import describe_cpu
 
 from ugatit.config import configs
 from ugatit.data import infinite_batches, list_images
@@ -78,8 +78,7 @@ def main() -> None:
             data = write_dataset(Path(scratch) / "synthetic", size=args.img_size, n_train=200, n_test=4)
         paths = list_images(data / "trainA")
         print(f"data: {data} ({len(paths)} images in trainA), {args.img_size} px, batch {args.batch_size}")
-        cpu = platform.processor() or platform.machine()
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}")
+        print(f"torch {torch.__version__}, {describe_cpu()}")
         print("\nloader alone (trainA)")
         print(f"{'workers':>8}{'cache':>7}{'start-up s':>12}{'ms/batch':>10}")
         for count in workers:

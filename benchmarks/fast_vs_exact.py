@@ -18,6 +18,7 @@ import statistics
 import time
 
 import torch
+from machine import describe_cpu
 
 from ugatit.config import FAST_DTYPES, configs
 from ugatit.data import infinite_batches, list_images
@@ -67,7 +68,7 @@ def main() -> None:
             out.flush()
 
     print(f"{args.data}, {args.img_size} px, ch {args.ch}, n_res {args.n_res}, light, batch 1, seed {args.seed}")
-    print(f"fast path in {fast.dtype}")
+    print(f"fast path in {fast.dtype}; torch {torch.__version__}, {describe_cpu()}")
     print(f"s/step: exact {seconds['exact'] / args.steps:.2f}, fast {seconds['fast'] / args.steps:.2f}")
     print("mean of each term per window; rel = |fast - exact| / exact")
     print(f"{'steps':<10}{'term':<20}{'exact':>10}{'fast':>10}{'rel':>8}")

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check, in one run that fits the device tool's 10-minute command limit: the device-parametrised tests on
+# The GPU check, in one run of about ten minutes: the device-parametrised tests on
 # CUDA (parity fixture, fast against exact, fused norms, TF32 held off), training-step and translation speed against
 # the official rule, then the compiled steps' tests (last, since compiling may take long). Each part has its own
 # time limit, so that one stuck part leaves the others' figures; everything goes to $OUT/gpu_check.log (or
 # ./gpu_check.log).
 #
 # It needs nothing installed but PyTorch and pytest (src/ goes on PYTHONPATH); the parity fixture comes from
-# $UGATIT_SHARED, or from .gpu/shared where the device tool carries a copy (docs/performance.md, "GPUs", says how).
+# $UGATIT_SHARED, or from a copy in the ignored folder .gpu/shared (docs/performance.md, "GPUs", says how).
 set -u
 cd "$(dirname "$0")/.."
 log="${OUT:-.}/gpu_check.log"

@@ -4,6 +4,7 @@ model helpers the benchmarks share."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import statistics
 import time
@@ -23,16 +24,30 @@ PEAK_CONV_FLOPS = 2 * 256 * 256 * 9 * 64 * 64  # the peak's convolution: 3x3, 25
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
+def isa_kind(flags: set[str]) -> str:
+    """The machine kind the README's tables are kept by: what the fastest units for these models are."""
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX-512-BF16"
+    if "avx512f" in flags:
+        return "AVX-512"
+    return "AVX2" if "avx2" in flags else "older than AVX2"
+
+
 def describe_cpu() -> str:
-    """The CPU's name, its relevant ISA flags and the torch thread count, and any cap on the ISA that the libraries
-    use (`ugatit.fast.precision.ISA_CAPS`)."""
+    """The date, the CPU's name, its kind and relevant ISA flags, the torch thread count, and any cap on the ISA that
+    the libraries use (`ugatit.fast.precision.ISA_CAPS`): what a figure needs beside it to be compared."""
     lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
     info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
     flags = set(info.get("flags", "").split())
     isa = " ".join(f for f in ISA_FLAGS if f in flags) or "?"
     caps = ", ".join(f"{name}={os.environ[name]}" for name in ISA_CAPS if name in os.environ)
     capped = f", ISA capped: {caps} (ATen kernels: {torch.backends.cpu.get_cpu_capability()})" if caps else ""
-    return f"{info.get('model name', '?')} ({isa}){capped}, {torch.get_num_threads()} threads"
+    return (
+        f"{datetime.date.today()}, {info.get('model name', '?')}, kind {isa_kind(flags)} ({isa}){capped}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 def count_flops(fn, *args) -> int:
@@ -47,20 +62,24 @@ def count_flops(fn, *args) -> int:
 
 
 def peak_gflops(dtype: torch.dtype, device: str = "cpu", reps: int = 5) -> float:
-    """GFLOP/s of the generators' dominant layer, a 3x3 256-channel convolution on a 64 x 64 map, channels-last, in
-    `dtype` (a batch of 32 on a GPU): the highest rate measured here for the work these models do, taken as the
-    machine's peak. fp32 is IEEE fp32 (no TF32 on a GPU), as ugatit computes it."""
+    """GFLOP/s of the generators' dominant layer, a 3x3 256-channel convolution on a 64 x 64 map, in `dtype` (a batch
+    of 32 on a GPU), in whichever memory layout (NCHW or channels-last) runs it faster here: the highest rate measured
+    for the work these models do, taken as the machine's peak. fp32 is IEEE fp32 (no TF32 on a GPU), as ugatit
+    computes it."""
     batch = 1 if device == "cpu" else 32  # one map is a few microseconds of work for a GPU: too little to fill it
-    x = torch.randn(batch, 256, 66, 66, device=device).to(dtype=dtype, memory_format=torch.channels_last)
-    w = torch.randn(256, 256, 3, 3, device=device).to(dtype=dtype, memory_format=torch.channels_last)
+    rates = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(batch, 256, 66, 66, device=device).to(dtype=dtype, memory_format=layout)
+        w = torch.randn(256, 256, 3, 3, device=device).to(dtype=dtype, memory_format=layout)
 
-    def call() -> None:
-        F.conv2d(x, w)
-        if device != "cpu":
-            torch.cuda.synchronize()
+        def call(x: torch.Tensor = x, w: torch.Tensor = w) -> None:
+            F.conv2d(x, w)
+            if device != "cpu":
+                torch.cuda.synchronize()
 
-    with torch.inference_mode(), ieee_fp32():
-        return batch * PEAK_CONV_FLOPS / _seconds_per_call(call, reps) / 1e9
+        with torch.inference_mode(), ieee_fp32():
+            rates.append(batch * PEAK_CONV_FLOPS / _seconds_per_call(call, reps) / 1e9)
+    return max(rates)
 
 
 def peak_int8_gops(reps: int = 5) -> float:

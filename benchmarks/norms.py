@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from machine import describe_cpu
 
 from ugatit.fast.norms import instance_layer_norm_fused, instance_norm_fused
 from ugatit.norms import instance_layer_norm
@@ -128,10 +129,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    print(
-        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, reps {args.reps}, "
-        f"clock {args.clock}, medians in ms"
-    )
+    print(f"torch {torch.__version__}, device {args.device}, reps {args.reps}, clock {args.clock}, medians in ms")
+    print(describe_cpu())
     if args.device == "cpu":
         print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
     header = f"{'shape':<14} {'dtype':<5} {'layout':<6} {'mode':<8}" + "".join(

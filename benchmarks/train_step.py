@@ -185,17 +185,20 @@ def main() -> None:
     print("step FLOPs: " + ", ".join(f"{p} {f / 1e12:.2f} TFLOP" for p, f in flops.items()) + "; measured peak "
           "(3x3 256-channel conv, 64 x 64): " + ", ".join(f"{str(d).removeprefix('torch.')} {g:.0f} GFLOP/s"
                                                          for d, g in peaks.items()))  # fmt: skip
-    base = statistics.median(times[paths[0]])
+    reference = "official" if "official" in paths else paths[0]  # speed-up and memory against this path
+    base, base_memory = statistics.median(times[reference]), memory.get(reference)
     print(f"{'path':<10}{'dtype':>10}{'median s/step':>15}{'speed-up':>10}{'of peak':>9}{'warm-up s':>11}"
-          f"{'peak memory':>14}")  # fmt: skip
+          f"{'peak memory':>14}{'memory ratio':>14}   (ratios against {reference})")  # fmt: skip
     for path in paths:
         median = statistics.median(times[path])
-        mem = f"{memory[path] / 2**30:.2f} GiB" if memory.get(path) else "-"
+        mem = f"{memory[path] / 2**30:.2f} GiB" if memory.get(path) else "failed" if path in memory else "-"
+        ratio = f"{memory[path] / base_memory:.2f}" if memory.get(path) and base_memory else "-"
         fraction = flops[counted[path]] / median / (peaks[dtypes[path]] * 1e9)
         print(f"{path:<10}{str(dtypes[path]).removeprefix('torch.'):>10}{median:>15.3f}{base / median:>9.1f}x"
-              f"{fraction:>9.0%}{warmup[path]:>11.2f}{mem:>14}")  # fmt: skip
+              f"{fraction:>9.0%}{warmup[path]:>11.2f}{mem:>14}{ratio:>14}")  # fmt: skip
     print(json.dumps({"args": vars(args), "median_s": {p: statistics.median(t) for p, t in times.items()},
-                      "peak_bytes": memory}))  # fmt: skip
+                      "peak_bytes": memory, "flops": flops, "dtypes": {p: str(d) for p, d in dtypes.items()},
+                      "peak_gflops": {str(d): g for d, g in peaks.items()}, "machine": describe_cpu()}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -154,8 +154,10 @@ def main() -> None:
     }
     print(f"translate, {args.model or 'random weights'}: {config.describe()}; torch {torch.__version__}, "
           f"{args.device}, {describe_cpu()}")  # fmt: skip
+    if args.device == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name()}")
     print(f"generator: {flops / 1e9:.1f} GFLOP per image; measured peak (3x3 256-channel conv, 64 x 64): "
-          + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items()))  # fmt: skip
+          + ", ".join(f"{d} {g:.0f} {'GOP' if d == 'int8' else 'GFLOP'}/s" for d, g in peaks.items()))  # fmt: skip
     if "onnxruntime int8" in backends:
         print(f"int8 ({args.calibration or 'synthetic images'}): {report.describe()}")
     batch_title = f"images/s (batch {args.batch_size})"

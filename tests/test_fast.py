@@ -750,16 +750,18 @@ def test_fast_adam_loads_moments_saved_in_the_other_memory_layout():
         torch.testing.assert_close(resumed.detach(), trained.detach(), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("precision", ["exact", "fast"])
-def test_gradient_checkpointing_takes_the_same_step_keeping_only_block_boundaries(record_gradients, precision):
+@pytest.mark.parametrize("precision,dtype", [("exact", "float32"), ("fast", "float32"), ("fast", "bfloat16")])
+def test_gradient_checkpointing_takes_the_same_step_keeping_only_block_boundaries(record_gradients, precision, dtype):
     """`--grad-checkpoint` recomputes the generators' blocks in the backward: the same step to the bit, in either
-    precision (fp32). A boundary it keeps whole keeps nothing else: the rectified map entering the first residual
-    block, which a fused norm made, carries no recipe there (the recipe holds the norm's input, a second map)."""
+    precision and under bf16 autocast. A boundary it keeps whole keeps nothing else: the rectified map entering the
+    first residual block, which a fused norm made, carries no recipe there (the recipe holds the norm's input, a
+    second map)."""
     steps, recipes = [], []
     for recompute in (False, True):
         torch.manual_seed(0)
-        run = dataclasses.replace(RUN, precision=precision, fast_dtype="float32", grad_checkpoint=recompute)
+        run = dataclasses.replace(RUN, precision=precision, fast_dtype=dtype, grad_checkpoint=recompute)
         trainer = Trainer(MODEL, run)
+        assert fast.is_fast(trainer.nets["genA2B"]) == (precision == "fast")  # checkpointing is no fast kernel
         block = next(m for m in trainer.nets["genA2B"].DownBlock if next(m.children(), None) is not None)
         entering = []
         block.register_forward_pre_hook(lambda _, args, seen=entering: seen.append(Rectified.of(args[0])))
@@ -777,19 +779,24 @@ def test_gradient_checkpointing_takes_the_same_step_keeping_only_block_boundarie
 
 def test_fast_training_does_not_import_the_compiler(tmp_path):
     """`ugatit train --precision fast`, a stop and a resume run without torch._dynamo (torch.optim would import it:
-    start-up time, and memory at the step's peak); the exact path's torch.optim.Adam still imports it."""
+    start-up time, and memory at the step's peak), with `--grad-checkpoint` too (torch.utils.checkpoint would); the
+    exact path's torch.optim.Adam still imports it."""
     data = write_dataset(tmp_path / "data", size=64, n_train=2, n_test=1, seed=0)
     code = "import sys; from ugatit.cli import main; code = main(sys.argv[1:]); print('torch._dynamo' in sys.modules)"
-    for precision, imported in (("fast", "False"), ("exact", "True")):
-        run = ["train", str(data), "--run-dir", str(tmp_path / precision), "--precision", precision, "--img-size", "64",
-               "--ch", "8", "--n-res", "1", "--light", "--global-layers", "5", "--local-layers", "4",
-               "--sample-every", "1", "--no-progress"]  # fmt: skip
+    for name, options, imported in (
+        ("fast", ["--precision", "fast"], "False"),
+        ("recomputed", ["--precision", "fast", "--grad-checkpoint"], "False"),
+        ("exact", ["--precision", "exact"], "True"),
+    ):
+        run = ["train", str(data), "--run-dir", str(tmp_path / name), *options, "--img-size", "64", "--ch", "8",
+               "--n-res", "1", "--light", "--global-layers", "5", "--local-layers", "4", "--sample-every", "1",
+               "--no-progress"]  # fmt: skip
         for until in ("1", "2"):  # a new run, then a resume from its checkpoint
             args = [*run, "--iterations", "2", "--until", until]
             result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, result.stderr[-3000:]
-            assert result.stdout.split()[-1] == imported, (precision, until)
-        assert [step for step, _ in list_checkpoints(tmp_path / precision)][-1] == 2
+            assert result.stdout.split()[-1] == imported, (name, until)
+        assert [step for step, _ in list_checkpoints(tmp_path / name)][-1] == 2
 
 
 def test_deferred_gradients_report_non_finite_values_and_overflowing_products():

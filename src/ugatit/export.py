@@ -15,13 +15,14 @@ other sizes with a message (ONNX Runtime itself fails with a shape error deep in
 Exporter. The TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`) at opset 17 is the default: it
 exports this network quickly and matches eager PyTorch within the tests' tolerance. The `torch.export`-based
 exporter (`dynamo=True`) gives the same numbers but is many times slower even for a tiny model, needs onnxscript,
-and cannot write below opset 18 (its reflection Pad does not convert down). Opset 17 runs on ONNX Runtime >= 1.13, TensorRT >= 8.6 and
-OpenVINO; every operator used here exists there. PyTorch has deprecated the TorchScript exporter since 2.9; should a
-release drop it, pass `dynamo=True`. The parts that need care export as follows, and the tests check each at a size
-other than the traced one: ReflectionPad2d -> Pad(mode="reflect"); adaptive pooling to 1 x 1 -> GlobalAveragePool /
-GlobalMaxPool, which are shape-agnostic; ILN / AdaILN -> their per-(sample, channel) scale-and-shift form
-(`norms.instance_layer_norm_affine`: two ReduceMeans, then three element-wise passes instead of about fifteen, with
-the n / (n - 1) factors computed from the runtime shape); nearest Upsample x2 -> Resize(nearest, scales 2).
+and cannot write below opset 18 (its reflection Pad does not convert down). Opset 17 runs on ONNX Runtime >= 1.13,
+TensorRT >= 8.6 and OpenVINO; every operator used here exists there. PyTorch has deprecated the TorchScript exporter
+since 2.9; should a release drop it, pass `dynamo=True`. The parts that need care export as follows, and the tests
+check each at a size other than the traced one: ReflectionPad2d -> Pad(mode="reflect"); adaptive pooling to 1 x 1 ->
+GlobalAveragePool / GlobalMaxPool, which are shape-agnostic; ILN / AdaILN -> their per-(sample, channel)
+scale-and-shift form (`norms.instance_layer_norm_affine`: two ReduceMeans, then three element-wise passes instead of
+about fifteen, with the n / (n - 1) factors computed from the runtime shape); nearest Upsample x2 -> Resize(nearest,
+scales 2).
 
 Reduced precision: `quantize.quantize_onnx` turns such a file into an int8 one.
 """

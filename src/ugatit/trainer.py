@@ -117,7 +117,7 @@ def prepare(
         else:
             fast.lean(net)
         if run.grad_checkpoint and name in GENERATORS:
-            fast.checkpoint(net)
+            fast.grad_checkpoint(net)
         # The discriminators' weights stay contiguous: their big layers run as matrix products, and fused Adam
         # would copy a channels_last tensor at every step.
         net.to(device, memory_format=layout if name in GENERATORS else torch.contiguous_format).train()

@@ -19,7 +19,7 @@ What `apply` swaps in:
 `deferred_weight_grads()` leaves the discriminators' largest weight gradients as thin factors during a backward,
 for an update that builds them one at a time (`DeferredGrads.step`).
 `lean(net)` swaps in the pads alone: the same numbers to the last bit, less memory, for the exact path.
-`checkpoint(generator)` recomputes block insides in the backward instead of storing them (either path).
+`grad_checkpoint(generator)` recomputes block insides in the backward instead of storing them (either path).
 The compute dtype and memory layout that go with the fast path are in `fast/precision.py`; the trainer and the
 translator apply all of this, and nothing else needs to know it exists.
 """
@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint as _recompute
 
 from .. import tf_models
 from ..norms import EPS, ILN, AdaILN
@@ -43,8 +43,8 @@ from .precision import autocast, memory_format, native_bf16, resolve_dtype
 from .spectral import DeferredGrads, deferred_weight_grads, is_spectral, spectral_conv, spectral_linear, stacked_calls
 
 __all__ = [
-    "Adam", "DeferredGrads", "apply", "autocast", "checkpoint", "deferred_weight_grads", "exact", "is_fast", "lean",
-    "memory_format", "native_bf16", "remove", "resolve_dtype", "stacked",
+    "Adam", "DeferredGrads", "apply", "autocast", "deferred_weight_grads", "exact", "grad_checkpoint", "is_fast",
+    "lean", "memory_format", "native_bf16", "remove", "resolve_dtype", "stacked",
 ]  # fmt: skip
 
 
@@ -121,7 +121,7 @@ def lean(net: nn.Module) -> nn.Module:
 
 def apply(net: nn.Module) -> nn.Module:
     """Swap every fast kernel into `net` (a generator or a discriminator of `ugatit.models`), in place. Earlier
-    swaps are undone first, so `checkpoint` goes after it."""
+    swaps are undone first, so `grad_checkpoint` goes after it."""
     remove(net)
     discriminator = _is_discriminator(net)
     if not discriminator:
@@ -158,12 +158,15 @@ def _is_discriminator(net: nn.Module) -> bool:
 
 
 def is_fast(net: nn.Module) -> bool:
-    """Whether any fast kernel is swapped into `net` (the lean pads alone do not count)."""
-    return any(_swapped(m) and not isinstance(m, nn.ReflectionPad2d) for m in net.modules())
+    """Whether any fast kernel is swapped into `net` (the lean pads and gradient checkpointing alone do not count)."""
+    return any(
+        _swapped(m) and not isinstance(m, nn.ReflectionPad2d) and getattr(m.forward, "func", None) not in _RECOMPUTING
+        for m in net.modules()
+    )
 
 
 def remove(net: nn.Module) -> nn.Module:
-    """Undo `apply`, `lean` and `checkpoint`: every module computes as its class says again."""
+    """Undo `apply`, `lean` and `grad_checkpoint`: every module computes as its class says again."""
     for module in net.modules():
         if _swapped(module):
             del module.forward
@@ -188,21 +191,58 @@ def _segments(sequence: nn.Sequential, cuts: list[int]) -> list[nn.Module]:
     return [sequence[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
+def _recompute(forward: Callable, *args: torch.Tensor) -> torch.Tensor:
+    """forward(*args), keeping of what its backward needs only the inputs: the backward runs it again, under the
+    same autocast, for the rest, and lets each remade tensor go once it is used. torch.utils.checkpoint does the
+    same but imports the compiler at its first call, which costs more memory than a small map's worth."""
+    device = args[0].device.type
+    cast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    remade: list[torch.Tensor | None] = []
+    count = itertools.count()
+
+    def keep(tensor: torch.Tensor) -> None:
+        remade.append(tensor)
+
+    def remake(index: int) -> torch.Tensor:
+        if not remade:
+            inputs = [a.detach().requires_grad_(a.requires_grad) for a in args]
+            with (
+                torch.enable_grad(),
+                torch.autocast(device, dtype=cast[1], enabled=cast[0]),
+                torch.autograd.graph.saved_tensors_hooks(keep, lambda _: None),
+            ):
+                forward(*inputs)
+            if len(remade) != saved:  # the same code on the same inputs: only a bug could make them differ
+                raise RuntimeError(f"recomputation saved {len(remade)} tensors where the forward saved {saved}")
+        tensor, remade[index] = remade[index], None
+        if tensor is None:
+            raise RuntimeError("a recomputed tensor was asked for twice")
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda _: next(count), remake):
+        out = forward(*args)
+    saved = next(count)
+    return out
+
+
 def _run_recomputed(segments: list[nn.Module], forward: Callable, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return forward(x)
     for segment in segments:  # segments never start with an in-place op, which would change their stored input
-        x = Rectified.forget(_recompute(segment, x, use_reentrant=False))
+        x = Rectified.forget(_recompute(segment, x))
     return x
 
 
 def _run_block_recomputed(forward: Callable, *args: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return forward(*args)
-    return Rectified.forget(_recompute(forward, *args, use_reentrant=False))
+    return Rectified.forget(_recompute(forward, *args))
 
 
-def checkpoint(generator: nn.Module) -> nn.Module:
+_RECOMPUTING = (_run_recomputed, _run_block_recomputed)  # the forwards `grad_checkpoint` swaps in
+
+
+def grad_checkpoint(generator: nn.Module) -> nn.Module:
     """Gradient checkpointing of a generator, in place: only block boundaries are stored, and the insides are
     recomputed in the backward. The blocks, by their official names: the stem and downsampling layers as one,
     each residual block, each AdaILN block, each upsampling stage and the output layer. Off without gradients."""
