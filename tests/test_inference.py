@@ -128,6 +128,23 @@ def test_output_at_img_size_or_back_at_original_size(translator):
     assert [im.size for im in many] == [(50, 40), (30, 70)]
 
 
+def test_an_open_image_is_read_as_its_file(tmp_path, translator):
+    """A PIL image handed to a translator gives what `ugatit translate` gives for its file: upright per its EXIF
+    orientation (a phone photo), and transparency over white, not over the colour hidden under it."""
+    photo = random_image(50, 40, seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees
+    photo.save(tmp_path / "rotated.jpg", "JPEG", quality=95, exif=exif)
+    clear = Image.new("RGBA", (40, 30), (200, 30, 30, 0))  # fully transparent, red beneath
+    clear.paste((20, 90, 160, 255), (0, 0, 20, 30))
+    clear.save(tmp_path / "clear.png")
+    for name in ("rotated.jpg", "clear.png"):
+        with Image.open(tmp_path / name) as opened:
+            from_open = translator(opened, original_size=True)
+        from_file = translator(load_rgb(tmp_path / name), original_size=True)
+        assert from_open.size == from_file.size and np.array_equal(pixels(from_open), pixels(from_file)), name
+
+
 @pytest.mark.parametrize("keep_aspect", [False, True])
 def test_matches_direct_generator_forward(tmp_path, keep_aspect):
     ckpt = write_checkpoint(tmp_path / "model.safetensors", keep_aspect=keep_aspect)

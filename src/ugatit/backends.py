@@ -20,10 +20,19 @@ from .onnx_runtime import OnnxTranslator
 BACKENDS = ("torch", "onnxruntime")
 
 
+def resolve_backend(path: str | os.PathLike, backend: str | None = None) -> str:
+    """`backend`, or where it is None the one that runs `path`: ONNX Runtime for an `.onnx` file, else torch."""
+    if backend is None:
+        return "onnxruntime" if Path(path).suffix.lower() == ".onnx" else "torch"
+    if backend not in BACKENDS:
+        raise ExportError(f"backend={backend!r} must be one of: {', '.join(BACKENDS)}")
+    return backend
+
+
 def load_translator(
     path: str | os.PathLike,
     direction: str | None = None,
-    backend: str = "torch",
+    backend: str | None = None,
     device: str | torch.device = "cpu",
     batch_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -33,19 +42,21 @@ def load_translator(
     """A translator for a checkpoint (file or folder) or an `.onnx` file, on the `torch` or `onnxruntime` backend.
 
     A checkpoint is a model file, a checkpoint folder, a Hub-style folder or a run folder (its latest checkpoint).
-    `device` is 'cpu', 'cuda' ('cuda:N') or 'auto': the GPU when the backend can use one here.
-    `direction` defaults to "A2B" for checkpoints and to the file's own for ONNX files (where a different one is an
-    error: an ONNX file holds one generator). With backend onnxruntime a checkpoint is exported on the fly, with the
-    heatmap output; into a temporary file by default, or into `cache_dir`, keyed by the checkpoint's contents, the
-    direction and the ugatit and torch versions, so that later calls skip the export. `precision` and
-    `fast_dtype` are the torch backend's (`inference.Translator`); ONNX Runtime brings its own kernels.
+    `backend` defaults to the one the file needs (`resolve_backend`). `device` is 'cpu', 'cuda' ('cuda:N') or
+    'auto': the GPU when the backend can use one here. `direction` defaults to "A2B" for checkpoints and to the
+    file's own for ONNX files (where a different one is an error: an ONNX file holds one generator). With backend
+    onnxruntime a checkpoint is exported on the fly, with the heatmap output; into a temporary file by default, or
+    into `cache_dir`, keyed by the checkpoint's contents, the direction and the ugatit and torch versions, so that
+    later calls skip the export. `precision` and `fast_dtype` are the torch backend's (`inference.Translator`); ONNX
+    Runtime brings its own kernels.
     """
-    if backend not in BACKENDS:
-        raise ExportError(f"backend={backend!r} must be one of: {', '.join(BACKENDS)}")
     path = Path(path)
-    if path.suffix == ".onnx":
+    backend = resolve_backend(path, backend)
+    if backend == "onnxruntime" and precision != "exact":
+        raise ExportError(f"precision={precision!r} is the torch backend's; ONNX Runtime runs the exported graph")
+    if path.suffix.lower() == ".onnx":
         if backend != "onnxruntime":
-            raise ExportError(f"{path} is an ONNX file: use backend='onnxruntime'")
+            raise ExportError(f"{path} is an ONNX file, which the onnxruntime backend runs")
         translator = OnnxTranslator.from_file(path, device, batch_size)
         if direction not in (None, translator.direction):
             raise ExportError(f"{path} translates {translator.direction}, not {direction}")
@@ -53,8 +64,6 @@ def load_translator(
     direction = direction or "A2B"
     if backend == "torch":
         return Translator.from_checkpoint(path, direction, resolve_device(device), batch_size, precision, fast_dtype)
-    if precision != "exact":
-        raise ExportError(f"precision={precision!r} is the torch backend's; ONNX Runtime runs the exported graph")
     if cache_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
             exported = export_onnx(path, Path(tmp) / "model.onnx", direction, heatmap=True)

@@ -18,7 +18,7 @@ from typing import Any
 from . import __version__
 from .checkpoint import CheckpointError, describe_source, is_run_folder, load_model, resolve_model, save_model
 from .config import FAST_DTYPES, PRECISIONS, PRESETS, ConfigError, ModelConfig, RunConfig
-from .data import BadImageError, DataError
+from .data import BadImageError, DataError, list_images
 from .demo import DemoError
 from .devices import DEVICE_NAMES, DeviceError
 from .export import ExportError
@@ -198,11 +198,17 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise ExportError("--quantize needs --format onnx and --calibration FOLDER (the generator's input images)")
     if args.calibration and not args.quantize:
         raise ExportError("--calibration is for --quantize int8; add it, or drop --calibration")
+    if args.format == "onnx" and args.direction == "both":
+        raise ExportError("an ONNX file holds one generator: --direction A2B or B2A, one file each")
+    if args.quantize and not list_images(args.calibration):  # said before the export, which may take a while
+        raise ExportError(f"{args.calibration}: no images to calibrate on; point --calibration at a folder of the "
+                          "generator's input images (e.g. trainA for A2B)")  # fmt: skip
     args.checkpoint = _model_path(args.checkpoint)
+    args.direction = args.direction or ("A2B" if args.format == "onnx" else "both")
     if args.format == "onnx":
         from .export import export_onnx
 
-        direction = "A2B" if args.direction == "both" else args.direction
+        direction = args.direction
         if args.quantize is None:
             export_onnx(args.checkpoint, out, direction, heatmap=args.heatmap, uint8=args.uint8, opset=args.opset)
             print(f"wrote {direction} ONNX model to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
@@ -234,11 +240,11 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    from .backends import load_translator
+    from .backends import load_translator, resolve_backend
     from .inference import translate_files
 
-    if args.precision != "exact" and args.backend != "torch":
-        raise ConfigError("--precision fast is the torch backend's; drop it with --backend onnxruntime")
+    if args.precision != "exact" and resolve_backend(args.checkpoint, args.backend) != "torch":
+        raise ConfigError("--precision fast is the torch backend's; ONNX Runtime runs an .onnx file as exported")
     if args.faces is None and (args.paste_back or args.face_scale != 1.0):
         raise ConfigError("--paste-back and --face-scale work on faces: add --faces")
     if args.faces is not None and args.original_size:
@@ -248,6 +254,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
         args.checkpoint, args.direction, backend=args.backend, device=args.device,
         precision=args.precision, fast_dtype=args.fast_dtype,
     )  # fmt: skip
+    if args.heatmap and not getattr(translator, "has_heatmap", True):  # said before any image is read
+        raise ExportError(f"{args.checkpoint} has no heatmap output: export it again with --heatmap, or drop --heatmap")
     if args.faces is not None:
         from .faces import translate_faces
 
@@ -446,7 +454,9 @@ def _add_translate_parser(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--device", default="auto", choices=DEVICE_NAMES)
     p.add_argument(
-        "--backend", default="torch", choices=["torch", "onnxruntime"], help="onnxruntime needs ugatit[onnx]"
+        "--backend",
+        choices=["torch", "onnxruntime"],
+        help="default: onnxruntime for an .onnx file, else torch; onnxruntime needs ugatit[onnx]",
     )
     add_precision_options(p)
     p.add_argument("--fast", nargs=0, action=_Retired, const="--precision fast", help=argparse.SUPPRESS)
@@ -514,14 +524,17 @@ def _add_export_parser(sub: Any) -> None:
         help="safetensors (ours), onnx (one direction, needs ugatit[onnx]), pretrained (Hub-style folder)",
     )  # fmt: skip
     p.add_argument("--generator-only", action="store_true", help="safetensors: only the generator(s)")
-    p.add_argument("--direction", default="both", choices=["A2B", "B2A", "both"], help="which generator(s)")
+    p.add_argument(
+        "--direction", choices=["A2B", "B2A", "both"],
+        help="which generator(s): default both, and A2B for onnx (one generator per file)",
+    )  # fmt: skip
     p.add_argument("--heatmap", action="store_true", help="onnx: add the attention heatmap as a second output")
     p.add_argument("--uint8", action="store_true", help="onnx: uint8 RGB in and out instead of floats in [-1, 1]")
     p.add_argument("--opset", type=int, default=None, help="onnx: opset version (default 17)")
     p.add_argument(
         "--quantize", choices=["int8"], default=None,
-        help="onnx: int8 convolutions calibrated on --calibration, fastest on CPUs with VNNI or AMX (its error is "
-        "printed)",
+        help="onnx: int8 convolutions calibrated on --calibration, ahead of the fp32 file on the CPUs measured (its "
+        "error is printed)",
     )  # fmt: skip
     p.add_argument("--calibration", help="--quantize: folder of the generator's input images (e.g. trainA for A2B)")
     p.add_argument(

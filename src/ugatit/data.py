@@ -64,6 +64,9 @@ class DataError(ValueError):
 # Loading
 
 
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode an image file fully into an 8-bit RGB image, upright per its EXIF orientation.
 
@@ -95,6 +98,14 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         return _to_rgb(img)
     except ValueError as e:
         raise BadImageError(path, f"unsupported image mode {img.mode}: {e}") from e
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image already open, read as `load_rgb` reads a file (upright per its EXIF orientation, alpha over white,
+    high bit depths scaled), so that a caller's PIL image and the same file give the same result."""
+    if image.getexif().get(_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    return _to_rgb(image)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

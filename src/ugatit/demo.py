@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from .backends import load_translator
+from .backends import load_translator, resolve_backend
 from .checkpoint import CheckpointError, read_metadata, resolve_model, stored_networks
 from .data import BadImageError, eval_transform, load_rgb, to_image
 from .models import DIRECTIONS
@@ -65,7 +65,7 @@ class DemoModel:
     def __init__(self, path: str | os.PathLike, precision: str = "exact", fast_dtype: str = "auto",
                  device: str = "cpu") -> None:  # fmt: skip
         self.path = Path(path)
-        backend = "onnxruntime" if self.path.suffix == ".onnx" else "torch"
+        backend = resolve_backend(self.path)
         if backend == "onnxruntime" and precision != "exact":
             raise DemoError("--precision fast is the torch backend's; an .onnx model runs on ONNX Runtime")
         if backend == "onnxruntime":  # one generator, whose direction the file says

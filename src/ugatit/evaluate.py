@@ -31,7 +31,7 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import read_model_config
 from .config import check_precision, to_dict
-from .data import LOAD_THREADS, DataError, eval_transform, list_images, load_rgb, parallel_map, to_uint8
+from .data import LOAD_THREADS, DataError, eval_transform, list_images, load_rgb, parallel_map, to_rgb, to_uint8
 from .devices import ieee_fp32
 from .files import atomic_write
 from .inception import FEATURE_DIM, WEIGHTS_NAME, InceptionFeatures
@@ -67,9 +67,7 @@ def inception_model(weights: Weights = None) -> InceptionFeatures:
 
 
 def _as_image(item: Image.Image | str | os.PathLike) -> Image.Image:
-    if isinstance(item, Image.Image):
-        return item if item.mode == "RGB" else item.convert("RGB")
-    return load_rgb(item)
+    return to_rgb(item) if isinstance(item, Image.Image) else load_rgb(item)
 
 
 def _to_unit_tensor(image: Image.Image) -> torch.Tensor:

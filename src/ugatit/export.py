@@ -29,6 +29,7 @@ Reduced precision: `quantize.quantize_onnx` turns such a file into an int8 one.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from . import __version__, fast
-from .config import ModelConfig, model_config_to_json
+from .config import ModelConfig, model_config_from_dict, model_config_to_json
 from .data import to_uint8
 from .extras import require
 from .files import atomic_write
@@ -48,6 +49,7 @@ INPUT, IMAGE, HEATMAP = "input", "image", "heatmap"
 FORMAT = "ugatit-onnx"
 LEGACY_OPSET = 17  # the TorchScript exporter's default: widely deployed, and enough for every operator used
 DYNAMO_OPSET = 18  # the lowest opset the torch.export-based exporter writes for this network
+MIN_OPSET = 13  # the lowest opset written: per-channel int8 (`quantize`) needs DequantizeLinear's axis, from 13
 MAX_ONNX_BYTES = 2**31 - 2**24  # one protobuf file holds < 2 GiB; keep some room for the graph itself
 
 # Expected warnings of the TorchScript exporter, silenced so that a user sees only real problems.
@@ -61,6 +63,27 @@ _EXPORT_NOISE = (
 
 class ExportError(ValueError):
     """An export or ONNX file that cannot do what was asked; the message says why and what to do instead."""
+
+
+def unreadable(path: str | os.PathLike, exc: BaseException) -> ExportError:
+    """The one-line error for a file that onnx or ONNX Runtime cannot read (theirs run to many lines)."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return ExportError(f"{path}: not a readable ONNX file ({reason}); export it again (`ugatit export --format onnx`)")
+
+
+def read_metadata(metadata: dict[str, str], source: str) -> tuple[dict[str, str], ModelConfig]:
+    """The ugatit metadata of an exported file (its `metadata_props`, or ONNX Runtime's custom metadata map) and
+    the model configuration it holds, or a one-line error naming `source` if it is not a ugatit export or damaged."""
+    if metadata.get("format") != FORMAT:
+        raise ExportError(f"{source}: not a ugatit ONNX export; export it with `ugatit export --format onnx`")
+    missing = [key for key in ("config", "direction") if key not in metadata]
+    try:
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        config = model_config_from_dict(json.loads(metadata["config"]), source)
+    except ValueError as exc:  # json's errors and the configuration's are ValueErrors
+        raise ExportError(f"{source}: damaged ugatit metadata ({exc}); export the model again") from None
+    return metadata, config
 
 
 class _Deployable(nn.Module):
@@ -161,7 +184,11 @@ def export_onnx(
             raise ExportError(f"direction={direction!r}, but the translator translates {translator.direction}")
     else:
         translator = Translator.from_checkpoint(checkpoint_or_translator, direction or "A2B")
-    opset = opset or (DYNAMO_OPSET if dynamo else LEGACY_OPSET)
+    if opset is None:
+        opset = DYNAMO_OPSET if dynamo else LEGACY_OPSET
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise ExportError(f"opset={opset}: ugatit writes opsets {MIN_OPSET} to {newest} (the installed onnx's newest)")
     if dynamo and opset < DYNAMO_OPSET:
         raise ExportError(f"opset={opset}: the dynamo exporter writes opset {DYNAMO_OPSET} or later")
     config, generator = translator.config, translator.generator

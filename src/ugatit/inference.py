@@ -1,8 +1,9 @@
 """Translate images with a trained generator: `Translator` for Python callers, `translate_files` for the CLI.
 
-Inference follows the official test path: each image is resized to the trained `img_size` (or, with `keep_aspect`,
-shorter side + centre crop) by `data.eval_transform`, the generator runs in fp32 under `torch.inference_mode`, and
-its [-1, 1] output becomes 8-bit RGB. Batching only changes speed: every normalisation in the generator is per
+Inference follows the official test path: each image is read as `data.load_rgb` reads files (`data.to_rgb`), resized
+to the trained `img_size` (or, with `keep_aspect`, shorter side + centre crop) by `data.eval_transform`, the
+generator runs under `torch.inference_mode` (in fp32, or on the fast path with `precision="fast"`), and its [-1, 1]
+output becomes 8-bit RGB. Batching only changes speed: every normalisation in the generator is per
 sample, so no image sees another one's statistics.
 
 `translate_files` does every check before it writes anything (inputs exist, are decodable, no output exists
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from . import fast
 from .checkpoint import describe_source, fit_states, load_model, resolve_model
 from .config import ModelConfig, check_precision
-from .data import LOAD_THREADS, eval_transform, list_images, load_rgb, parallel_map, to_image
+from .data import LOAD_THREADS, eval_transform, list_images, load_rgb, parallel_map, to_image, to_rgb
 from .devices import ieee_fp32
 from .models import build_generator, generator_name
 from .visualize import overlay_heatmap, save_image
@@ -78,8 +79,8 @@ class ImageTranslator:
         size = resolve_batch_size(batch_size, self.batch_size)
         results = []
         for start in range(0, len(images), size):
-            chunk = images[start : start + size]
-            inputs = torch.stack([self._transform(img) for img in chunk])
+            chunk = [to_rgb(img) for img in images[start : start + size]]  # as files are read (upright, etc.)
+            inputs = torch.stack([eval_transform(img, self.config.img_size, self.config.keep_aspect) for img in chunk])
             outputs, heatmaps = self._forward(inputs)
             for i, (img, out) in enumerate(zip(chunk, outputs, strict=True)):
                 overlay = overlay_heatmap(inputs[i], heatmaps[i]) if heatmap else None
@@ -88,10 +89,6 @@ class ImageTranslator:
                     overlay = None if overlay is None else resize_to(overlay, img.size)
                 results.append((out, overlay))
         return results
-
-    def _transform(self, image: Image.Image) -> torch.Tensor:
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        return eval_transform(rgb, self.config.img_size, self.config.keep_aspect)
 
 
 def resolve_batch_size(batch_size: int | None, default: int) -> int:
@@ -292,7 +289,7 @@ def _check_readable(jobs: list[Job]) -> None:
 
 
 def translate_files(
-    translator: Translator,
+    translator: ImageTranslator,
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     batch_size: int | None = None,

@@ -7,7 +7,6 @@ pre-processing. The file format (inputs, outputs, metadata) is `export.py`'s.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,9 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import model_config_from_dict
 from .data import to_image, to_uint8
-from .export import FORMAT, HEATMAP, IMAGE, INPUT, ExportError
+from .export import HEATMAP, IMAGE, INPUT, ExportError, read_metadata, unreadable
 from .extras import require
 from .inference import ImageTranslator, default_batch_size, resolve_batch_size
 
@@ -51,10 +49,7 @@ class OnnxTranslator(ImageTranslator):
     def __init__(self, session: Any, batch_size: int | None = None, source: str = "ONNX model") -> None:
         self.session = session
         self.source = source
-        self.metadata: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
-        if self.metadata.get("format") != FORMAT or "config" not in self.metadata:
-            raise ExportError(f"{source}: not a ugatit ONNX export (no ugatit metadata); export it with export_onnx")
-        self.config = model_config_from_dict(json.loads(self.metadata["config"]), source)
+        self.metadata, self.config = read_metadata(dict(session.get_modelmeta().custom_metadata_map), source)
         self.direction = self.metadata["direction"]
         self.batch_size = resolve_batch_size(batch_size, default_batch_size(self.device))
         self.uint8 = session.get_inputs()[0].type == "tensor(uint8)"
@@ -70,7 +65,10 @@ class OnnxTranslator(ImageTranslator):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such ONNX file")
         providers = _providers(device, ort.get_available_providers())
-        session = ort.InferenceSession(str(path), providers=providers)
+        try:
+            session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as exc:  # onnxruntime's error types (damaged protobuf, invalid graph) derive from Exception
+            raise unreadable(path, exc) from None
         if providers[0] != "CPUExecutionProvider" and session.get_providers()[0] != "CUDAExecutionProvider":
             raise ExportError(f"{path}: onnxruntime could not start its CUDA provider here; use device='cpu'")
         return cls(session, batch_size, str(path))

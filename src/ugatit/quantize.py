@@ -34,7 +34,6 @@ and returns the figures (`QuantizeReport`); docs/performance.md has them for a t
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import tempfile
@@ -45,9 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig, model_config_from_dict
+from .config import ModelConfig
 from .data import BadImageError, eval_transform, list_images, load_rgb, to_uint8
-from .export import FORMAT, IMAGE, INPUT, ExportError
+from .export import IMAGE, INPUT, MIN_OPSET, ExportError, read_metadata, unreadable
 from .extras import require
 from .files import atomic_write
 
@@ -290,13 +289,20 @@ def quantize_onnx(
     source = Path(source)
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such ONNX file")
-    proto = onnx.load(str(source))
-    meta = _metadata(proto)
-    if meta.get("format") != FORMAT or "config" not in meta:
-        raise ExportError(f"{source}: not a ugatit ONNX export; export it with `ugatit export --format onnx`")
+    if images < 1:
+        raise ExportError(f"images={images}: calibrating takes at least 1 image")
+    if Path(out_path).resolve() == source.resolve():
+        raise ExportError(f"{out_path} is the fp32 source itself; write the int8 file under another name")
+    try:
+        proto = onnx.load(str(source))
+    except Exception as exc:  # protobuf's DecodeError and onnx's own derive from Exception
+        raise unreadable(source, exc) from None
+    meta, config = read_metadata(_metadata(proto), str(source))
     if PRECISION_KEY in meta:
         raise ExportError(f"{source} is already {meta[PRECISION_KEY]}; quantize the fp32 export instead")
-    config = model_config_from_dict(json.loads(meta["config"]), str(source))
+    opset = next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        raise ExportError(f"{source} has opset {opset}; int8 needs {MIN_OPSET} or later: export it with --opset 17")
     uint8 = proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
 
     paths = list_images(calibration)
