@@ -53,7 +53,10 @@ def load_translator(
     path = Path(path)
     backend = resolve_backend(path, backend)
     if backend == "onnxruntime" and precision != "exact":
-        raise ExportError(f"precision={precision!r} is the torch backend's; ONNX Runtime runs the exported graph")
+        raise ExportError(
+            f"precision={precision!r} (--precision {precision}) is the torch backend's; ONNX Runtime runs an ONNX "
+            "graph as exported"
+        )
     if path.suffix.lower() == ".onnx":
         if backend != "onnxruntime":
             raise ExportError(f"{path} is an ONNX file, which the onnxruntime backend runs")

@@ -208,18 +208,17 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.format == "onnx":
         from .export import export_onnx
 
-        direction = args.direction
         if args.quantize is None:
-            export_onnx(args.checkpoint, out, direction, heatmap=args.heatmap, uint8=args.uint8, opset=args.opset)
-            print(f"wrote {direction} ONNX model to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+            export_onnx(args.checkpoint, out, args.direction, heatmap=args.heatmap, uint8=args.uint8, opset=args.opset)
+            print(f"wrote {args.direction} ONNX model to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
             return
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = export_onnx(
-                args.checkpoint, Path(tmp) / "fp32.onnx", direction, heatmap=args.heatmap, uint8=args.uint8,
+                args.checkpoint, Path(tmp) / "fp32.onnx", args.direction, heatmap=args.heatmap, uint8=args.uint8,
                 opset=args.opset,
             )  # fmt: skip
             report = quantize_onnx(fp32, out, args.calibration, args.calibration_images)
-        print(f"wrote {direction} ONNX model in {args.quantize} to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+        print(f"wrote {args.direction} ONNX model in {args.quantize} to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
         print(report.describe())
         return
     if args.format == "pretrained":
@@ -240,11 +239,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    from .backends import load_translator, resolve_backend
+    from .backends import load_translator
     from .inference import translate_files
 
-    if args.precision != "exact" and resolve_backend(args.checkpoint, args.backend) != "torch":
-        raise ConfigError("--precision fast is the torch backend's; ONNX Runtime runs an .onnx file as exported")
     if args.faces is None and (args.paste_back or args.face_scale != 1.0):
         raise ConfigError("--paste-back and --face-scale work on faces: add --faces")
     if args.faces is not None and args.original_size:
@@ -254,7 +251,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
         args.checkpoint, args.direction, backend=args.backend, device=args.device,
         precision=args.precision, fast_dtype=args.fast_dtype,
     )  # fmt: skip
-    if args.heatmap and not getattr(translator, "has_heatmap", True):  # said before any image is read
+    if args.heatmap and not translator.has_heatmap:  # said before any image is read
         raise ExportError(f"{args.checkpoint} has no heatmap output: export it again with --heatmap, or drop --heatmap")
     if args.faces is not None:
         from .faces import translate_faces

@@ -66,10 +66,8 @@ class DemoModel:
                  device: str = "cpu") -> None:  # fmt: skip
         self.path = Path(path)
         backend = resolve_backend(self.path)
-        if backend == "onnxruntime" and precision != "exact":
-            raise DemoError("--precision fast is the torch backend's; an .onnx model runs on ONNX Runtime")
         if backend == "onnxruntime":  # one generator, whose direction the file says
-            translator = load_translator(self.path, None, backend, device)
+            translator = load_translator(self.path, None, backend, device, precision=precision)
             self.translators = {translator.direction: translator}
         else:
             directions = model_directions(self.path)

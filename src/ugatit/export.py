@@ -71,7 +71,7 @@ def unreadable(path: str | os.PathLike, exc: BaseException) -> ExportError:
     return ExportError(f"{path}: not a readable ONNX file ({reason}); export it again (`ugatit export --format onnx`)")
 
 
-def read_metadata(metadata: dict[str, str], source: str) -> tuple[dict[str, str], ModelConfig]:
+def read_onnx_metadata(metadata: dict[str, str], source: str) -> tuple[dict[str, str], ModelConfig]:
     """The ugatit metadata of an exported file (its `metadata_props`, or ONNX Runtime's custom metadata map) and
     the model configuration it holds, or a one-line error naming `source` if it is not a ugatit export or damaged."""
     if metadata.get("format") != FORMAT:

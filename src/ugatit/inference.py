@@ -49,6 +49,7 @@ class ImageTranslator:
     direction: str
     batch_size: int
     source: str
+    has_heatmap: bool = True  # whether `translate_with_heatmap` can work (an ONNX file may lack the output)
 
     def _forward(self, inputs: torch.Tensor) -> tuple[list[Image.Image], torch.Tensor | None]:
         raise NotImplementedError

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .data import to_image, to_uint8
-from .export import HEATMAP, IMAGE, INPUT, ExportError, read_metadata, unreadable
+from .export import HEATMAP, IMAGE, INPUT, ExportError, read_onnx_metadata, unreadable
 from .extras import require
 from .inference import ImageTranslator, default_batch_size, resolve_batch_size
 
@@ -49,7 +49,7 @@ class OnnxTranslator(ImageTranslator):
     def __init__(self, session: Any, batch_size: int | None = None, source: str = "ONNX model") -> None:
         self.session = session
         self.source = source
-        self.metadata, self.config = read_metadata(dict(session.get_modelmeta().custom_metadata_map), source)
+        self.metadata, self.config = read_onnx_metadata(dict(session.get_modelmeta().custom_metadata_map), source)
         self.direction = self.metadata["direction"]
         self.batch_size = resolve_batch_size(batch_size, default_batch_size(self.device))
         self.uint8 = session.get_inputs()[0].type == "tensor(uint8)"

@@ -46,7 +46,7 @@ import torch
 
 from .config import ModelConfig
 from .data import BadImageError, eval_transform, list_images, load_rgb, to_uint8
-from .export import IMAGE, INPUT, MIN_OPSET, ExportError, read_metadata, unreadable
+from .export import IMAGE, INPUT, MIN_OPSET, ExportError, read_onnx_metadata, unreadable
 from .extras import require
 from .files import atomic_write
 
@@ -297,7 +297,7 @@ def quantize_onnx(
         proto = onnx.load(str(source))
     except Exception as exc:  # protobuf's DecodeError and onnx's own derive from Exception
         raise unreadable(source, exc) from None
-    meta, config = read_metadata(_metadata(proto), str(source))
+    meta, config = read_onnx_metadata(_metadata(proto), str(source))
     if PRECISION_KEY in meta:
         raise ExportError(f"{source} is already {meta[PRECISION_KEY]}; quantize the fp32 export instead")
     opset = next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), 0)

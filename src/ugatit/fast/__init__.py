@@ -196,20 +196,17 @@ def _recompute(forward: Callable, *args: torch.Tensor) -> torch.Tensor:
     same autocast, for the rest, and lets each remade tensor go once it is used. torch.utils.checkpoint does the
     same but imports the compiler at its first call, which costs more memory than a small map's worth."""
     device = args[0].device.type
-    cast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    autocast_now = torch.autocast(device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
     remade: list[torch.Tensor | None] = []
     count = itertools.count()
-
-    def keep(tensor: torch.Tensor) -> None:
-        remade.append(tensor)
 
     def remake(index: int) -> torch.Tensor:
         if not remade:
             inputs = [a.detach().requires_grad_(a.requires_grad) for a in args]
             with (
                 torch.enable_grad(),
-                torch.autocast(device, dtype=cast[1], enabled=cast[0]),
-                torch.autograd.graph.saved_tensors_hooks(keep, lambda _: None),
+                autocast_now,
+                torch.autograd.graph.saved_tensors_hooks(remade.append, lambda _: None),
             ):
                 forward(*inputs)
             if len(remade) != saved:  # the same code on the same inputs: only a bug could make them differ

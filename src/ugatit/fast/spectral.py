@@ -107,12 +107,11 @@ def _adam_by_blocks(
 ) -> bool:
     """`optimizer.step()` for `weight` alone with the gradient grad_rows^T @ rows, built and applied a block of
     output rows at a time into one small buffer (Adam is element-wise: the same numbers as one step on the whole).
-    Only for the fast path's Adam on a CPU, over contiguous tensors; False, having done nothing, otherwise."""
+    Only for the fast path's Adam (whose moments take their weight's layout) on a CPU, over a contiguous weight;
+    False, having done nothing, otherwise."""
     if not (isinstance(optimizer, Adam) and weight.device.type == "cpu" and weight.is_contiguous()):
         return False
     state = optimizer.moments(weight)
-    if not (state["exp_avg"].is_contiguous() and state["exp_avg_sq"].is_contiguous()):
-        return False
     state["step"].add_(1)  # once: every block steps from the same count
     flat, exp_avg, exp_avg_sq = (t.detach().flatten(1) for t in (weight, state["exp_avg"], state["exp_avg_sq"]))
     block = max(1, _BLOCK_BYTES // flat[0].nbytes)
